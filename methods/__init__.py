@@ -1,0 +1,23 @@
+"""Training methods: pure torch/timm models and losses, found through a registry.
+
+Importing this package registers every method; ``launcher/`` builds them by name.
+"""
+
+from methods.registry import (
+    MethodConfig,
+    UnknownMethodError,
+    build_method,
+    get_method,
+    method_names,
+    register_method,
+)
+from methods import mae, pcae  # noqa: F401  (registers the methods)
+
+__all__ = [
+    "MethodConfig",
+    "UnknownMethodError",
+    "build_method",
+    "get_method",
+    "method_names",
+    "register_method",
+]

@@ -1,0 +1,88 @@
+"""A registry of training methods, keyed by name.
+
+A method is an ``nn.Module`` whose ``forward(batch)`` returns a dict with a scalar
+``"loss"``; it is registered together with the typed config dataclass that builds it::
+
+    @register_method("mae", config=MAEConfig)
+    class MAE(nn.Module):
+        def __init__(self, cfg: MAEConfig): ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from torch import nn
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares. Subclasses add their own and validate in ``__post_init__``."""
+
+    name: str = ""
+    img_size: int = 224
+    in_chans: int = 3
+
+    def __post_init__(self) -> None:
+        if self.img_size <= 0:
+            raise ValueError(f"img_size must be positive, got {self.img_size}")
+        if self.in_chans <= 0:
+            raise ValueError(f"in_chans must be positive, got {self.in_chans}")
+
+    @classmethod
+    def tiny(cls) -> "MethodConfig":
+        """The smallest flavour of this method, for CPU tests and smoke runs."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny flavour")
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    cls: type[nn.Module]
+    config: type[MethodConfig]
+
+
+class UnknownMethodError(ValueError):
+    """Raised for a method name that is not registered."""
+
+
+_METHODS: dict[str, MethodEntry] = {}
+
+M = TypeVar("M", bound=type[nn.Module])
+
+
+def register_method(name: str, *, config: type[MethodConfig]) -> Callable[[M], M]:
+    """Class decorator: make ``cls`` buildable as ``name`` from a ``config`` instance."""
+
+    def decorator(cls: M) -> M:
+        if name in _METHODS:
+            raise ValueError(
+                f"method {name!r} is registered twice ({_METHODS[name].cls.__qualname__} and "
+                f"{cls.__qualname__}); known methods: {', '.join(method_names())}"
+            )
+        _METHODS[name] = MethodEntry(name, cls, config)
+        return cls
+
+    return decorator
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MethodEntry:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; known methods: {', '.join(method_names())}"
+        ) from None
+
+
+def build_method(cfg: MethodConfig) -> nn.Module:
+    """Instantiate the method named by ``cfg.name`` from its config."""
+    entry = get_method(cfg.name)
+    if not isinstance(cfg, entry.config):
+        raise TypeError(f"method {cfg.name!r} takes a {entry.config.__name__}, got {type(cfg).__name__}")
+    return entry.cls(cfg)
