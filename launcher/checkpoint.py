@@ -1,0 +1,126 @@
+"""Checkpoint directories: atomic writes, validation, finding the newest good one, pruning.
+
+A checkpoint is ``RUN/checkpoints/step_XXXXXXX/``: Accelerate's state (model,
+optimizer, scaler, every rank's RNG) plus ``trainer_state.json``. It is written under
+a temporary name and renamed into place once complete; its ``manifest.json``, written
+last, records each file's size and SHA-256, so a truncated or altered checkpoint is
+recognised and skipped instead of loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+PREFIX = "step_"
+TMP_PREFIX = ".tmp_"
+
+
+def checkpoints_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return checkpoints_root(run_dir) / f"{PREFIX}{step:07d}"
+
+
+def temporary_path(run_dir: Path, step: int) -> Path:
+    return checkpoints_root(run_dir) / f"{TMP_PREFIX}{PREFIX}{step:07d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal(tmp: Path, final: Path, trainer_state: dict) -> None:
+    """Finish a checkpoint written into ``tmp``: state, manifest, fsync, rename to ``final``."""
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = tmp / MANIFEST
+    with open(manifest, "w") as f:
+        json.dump({"files": files}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a checkpoint of the same step from an earlier attempt
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def validate(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None when it is."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (the write never finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable manifest ({e})"
+    if TRAINER_STATE not in files:
+        return "no trainer state"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{name} has {file.stat().st_size} bytes, expected {expected['size']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Sealed checkpoint directories, newest first."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+
+
+def latest_valid(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes validation; broken ones are skipped with a warning."""
+    for path in list_checkpoints(run_dir):
+        problem = validate(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints, and stale temporary directories."""
+    for old in list_checkpoints(run_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = checkpoints_root(run_dir)
+    for tmp in root.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)

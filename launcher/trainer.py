@@ -1,0 +1,283 @@
+"""One Accelerate training loop for every method.
+
+The trainer knows methods only through their contract (``forward(batch) -> {"loss",
+...}``, optional ``on_step_end(step, total_steps)``) and knows nothing of SLURM or Ray:
+whoever launches it sets the torch.distributed environment and may call
+``request_stop()`` from a signal handler. Every schedule is a function of the global
+step, and the data pipeline is a function of (seed, epoch, index), so the state to
+resume is Accelerate's (model, optimizer, scaler, RNG) plus three integers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+from launcher import checkpoint
+from launcher.config import ExperimentConfig, OptimConfig
+from launcher.data import ResumableSampler, SeededDataset, build_base_dataset, build_loader, build_transform
+from launcher.errors import ConfigError, UserError
+from launcher.runs import MetricsLog, setup_logging, write_config
+from methods import build_method
+
+log = logging.getLogger(__name__)
+
+
+class DivergedError(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """The loop's own position; everything else is derived from the step."""
+
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+
+@dataclass
+class FitResult:
+    step: int
+    total_steps: int
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
+    """Linear warmup from 0, then a half-cosine down to ``min_lr`` (MAE's schedule, per step)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"  # bf16 autocast on CPU is slower than fp32 on most CPUs
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and other 1-D parameters; frozen parts left out."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas))
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        train = cfg.train
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=resolve_mixed_precision(train.mixed_precision),
+        )
+        acc = self.accelerator
+        expected = int(os.environ.get("WORLD_SIZE", "1"))
+        if acc.num_processes != expected:
+            raise RuntimeError(f"WORLD_SIZE is {expected} but Accelerate sees {acc.num_processes} processes")
+
+        per_step = train.micro_batch_size * acc.num_processes
+        if train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
+                f"train.micro_batch_size x processes ({train.micro_batch_size} x {acc.num_processes}); "
+                f"change one of them"
+            )
+        self.accumulation_steps = train.global_batch_size // per_step
+
+        torch.manual_seed(train.seed)  # model initialisation
+        model = build_method(cfg.method)
+        with acc.main_process_first():  # rank 0 may have to generate the data set first
+            base = build_base_dataset(cfg.data, cfg.method.img_size)
+        # Only now, with the config and data known to be good, is the run directory written.
+        if acc.is_main_process:
+            write_config(self.run_dir, cfg)
+        acc.wait_for_everyone()
+        setup_logging(self.run_dir, acc.process_index)
+        dataset = SeededDataset(base, build_transform(cfg.data, cfg.method.img_size), train.seed)
+        self.sampler = ResumableSampler(len(dataset), train.micro_batch_size, self.accumulation_steps,
+                                        acc.process_index, acc.num_processes, train.seed)
+        if self.sampler.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the data set has {len(dataset)} samples, fewer than one global batch "
+                f"({train.global_batch_size}); lower train.global_batch_size"
+            )
+        self.loader = build_loader(dataset, self.sampler, cfg.data.num_workers, acc.device.type == "cuda")
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = train.num_epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.base_lr = cfg.optim.blr * train.global_batch_size / 256
+
+        optimizer = build_optimizer(model, cfg.optim)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.state = TrainState()
+        self.saved_step: int | None = None  # step of the newest checkpoint on disk
+        self.stop_requested = False
+
+        log.info("method %s: %.1fM trainable parameters; %d processes x %d micro-batch x %d accumulation "
+                 "= global batch %d; %d steps/epoch, %d steps; lr %.3g",
+                 cfg.method.name, sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+                 acc.num_processes, train.micro_batch_size, self.accumulation_steps,
+                 train.global_batch_size, self.steps_per_epoch, self.total_steps, self.base_lr)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def resume(self) -> bool:
+        """Load the newest valid checkpoint of the run directory, if any."""
+        path = checkpoint.latest_valid(self.run_dir)
+        if path is None:
+            return False
+        self.accelerator.load_state(str(path))
+        self.state = TrainState(**checkpoint.read_trainer_state(path))
+        self.saved_step = self.state.step
+        log.info("resumed from %s (step %d, epoch %d)", path, self.state.step, self.state.epoch)
+        return True
+
+    def save_checkpoint(self) -> Path:
+        acc, step = self.accelerator, self.state.step
+        tmp = checkpoint.temporary_path(self.run_dir, step)
+        final = checkpoint.checkpoint_path(self.run_dir, step)
+        if acc.is_main_process:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every rank's RNG file is on disk
+        if acc.is_main_process:
+            checkpoint.seal(tmp, final, self.state.state_dict())
+            checkpoint.prune(self.run_dir, self.cfg.train.num_checkpoints_kept)
+            log.info("checkpoint %s", final)
+        acc.wait_for_everyone()
+        self.saved_step = step
+        return final
+
+    def request_stop(self) -> None:
+        """Ask the loop to checkpoint and return at the next step boundary (signal-safe)."""
+        self.stop_requested = True
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, until_step: int | None = None) -> FitResult:
+        """Train from the current state to the end, or until ``until_step``, then checkpoint."""
+        acc, cfg = self.accelerator, self.cfg
+        last_step = self.total_steps if until_step is None else min(until_step, self.total_steps)
+        metrics = tensorboard = progress = None
+        if acc.is_main_process:
+            metrics = MetricsLog(self.run_dir, self.state.step)
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm.auto import tqdm
+
+            tensorboard = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.state.step + 1)
+            progress = tqdm(total=self.total_steps, initial=self.state.step, desc=cfg.method.name,
+                            unit="step", dynamic_ncols=True, mininterval=2.0)
+        self.model.train()
+        method = acc.unwrap_model(self.model)
+        try:
+            while self.state.step < last_step:
+                self.sampler.set_epoch(self.state.epoch, self.state.step_in_epoch)
+                batches = iter(self.loader)
+                while self.state.step_in_epoch < self.steps_per_epoch and self.state.step < last_step:
+                    record = self._train_step(batches, method)
+                    if acc.is_main_process:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                        if self.state.step % cfg.train.log_every == 0 or self.state.step == last_step:
+                            metrics.write(record)
+                            for key, value in record.items():
+                                if key not in ("step", "epoch"):
+                                    tensorboard.add_scalar(f"train/{key}", value, self.state.step)
+                    if self.stop_requested or self.state.step % cfg.train.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self.stop_requested:
+                        log.info("stopping at step %d as requested", self.state.step)
+                        return FitResult(self.state.step, self.total_steps)
+                if self.state.step_in_epoch == self.steps_per_epoch:
+                    self.state.epoch += 1
+                    self.state.step_in_epoch = 0
+            if self.saved_step != self.state.step:
+                self.save_checkpoint()
+            return FitResult(self.state.step, self.total_steps)
+        finally:
+            if acc.is_main_process:
+                progress.close()
+                tensorboard.close()
+                metrics.close()
+
+    def _train_step(self, batches, method: nn.Module) -> dict[str, float]:
+        """One optimizer step over ``accumulation_steps`` micro-batches; returns the logged record."""
+        acc, cfg = self.accelerator, self.cfg
+        start = time.perf_counter()
+        lr = learning_rate(self.state.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+        data_time, sums = 0.0, {}
+        for micro in range(self.accumulation_steps):
+            fetch = time.perf_counter()
+            batch = next(batches)
+            data_time += time.perf_counter() - fetch
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            last = micro == self.accumulation_steps - 1
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            with nullcontext() if last else acc.no_sync(self.model):
+                out = self.model(batch)
+                acc.backward(out["loss"] / self.accumulation_steps)
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+
+        # One collective per step: the mean of every logged scalar over micro-batches and
+        # ranks, plus the stop flag, so that every rank takes the same decision.
+        keys = sorted(sums)
+        packed = torch.stack([sums[k] / self.accumulation_steps for k in keys]
+                             + [torch.tensor(float(self.stop_requested), device=acc.device)])
+        packed = acc.reduce(packed, reduction="mean")
+        values = dict(zip(keys, packed[:-1].tolist()))
+        self.stop_requested = bool(packed[-1] > 0)
+        if not math.isfinite(values["loss"]):
+            last_good = checkpoint.latest_valid(self.run_dir)
+            raise DivergedError(
+                f"the loss became {values['loss']} at step {self.state.step + 1}; the optimizer step was "
+                f"not taken. The last good checkpoint is {last_good or 'none'}. Lower optim.blr, set "
+                f"optim.clip_grad or train.mixed_precision=no, then run the same command to resume."
+            )
+
+        if cfg.optim.clip_grad is not None:
+            values["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.step_in_epoch += 1
+        if hasattr(method, "on_step_end"):
+            method.on_step_end(self.state.step, self.total_steps)
+
+        step_time = time.perf_counter() - start
+        return {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            **values,
+            "lr": lr,
+            "img_per_s": cfg.train.global_batch_size / step_time,
+            "step_time": step_time,
+            "data_time": data_time,
+        }

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.config import (EXPERIMENTS_DIR, ExperimentConfig, experiment_from_dict, load_experiment,
+                             parse_override)
+from launcher.errors import ConfigError
+
+EXPERIMENTS = sorted(EXPERIMENTS_DIR.rglob("*.yaml"))
+
+
+def test_experiments_exist() -> None:
+    names = {p.name for p in EXPERIMENTS}
+    assert {"pcae_vit_base.yaml", "mae_vit_base.yaml", "pcae_local.yaml", "mae_local.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[str(p.relative_to(EXPERIMENTS_DIR)) for p in EXPERIMENTS])
+def test_every_experiment_loads_and_validates(path: Path) -> None:
+    cfg = load_experiment(path)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.method.name in path.stem
+
+
+def test_vit_base_recipes_are_the_papers() -> None:
+    for method in ("pcae", "mae"):
+        cfg = load_experiment(EXPERIMENTS_DIR / "pretrain" / f"{method}_vit_base.yaml")
+        assert (cfg.method.img_size, cfg.method.patch_size, cfg.method.mask_ratio) == (224, 16, 0.75)
+        assert (cfg.method.decoder_dim, cfg.method.decoder_depth) == (512, 8)
+        assert cfg.train.global_batch_size == 4096
+        assert cfg.optim.blr == 1.5e-4 and cfg.optim.weight_decay == 0.05
+        assert cfg.optim.warmup_epochs == 40 and tuple(cfg.optim.betas) == (0.9, 0.95)
+    pcae = load_experiment(EXPERIMENTS_DIR / "pretrain" / "pcae_vit_base.yaml")
+    assert pcae.method.drop_path == 0.25 and pcae.method.keep_ratio == 0.5
+
+
+def test_overrides_apply_with_types() -> None:
+    cfg = load_experiment(EXPERIMENTS_DIR / "pretrain" / "pcae_vit_base.yaml",
+                          ["optim.blr=1e-4", "method.mask_ratio=0.8", "data.root=/x", "optim.clip_grad=null"])
+    assert cfg.optim.blr == 1e-4 and cfg.method.mask_ratio == 0.8 and cfg.data.root == "/x"
+    assert cfg.optim.clip_grad is None
+
+
+def test_int_widens_to_float_but_not_the_reverse() -> None:
+    cfg = experiment_from_dict({"method": {"name": "mae"}, "optim": {"blr": 1}})
+    assert cfg.optim.blr == 1.0 and isinstance(cfg.optim.blr, float)
+    with pytest.raises(ConfigError, match=r"train\.num_epochs must be a int"):
+        experiment_from_dict({"method": {"name": "mae"}, "train": {"num_epochs": 1.5}})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"method": {"name": "mae"}, "optim": {"lr_typo": 1}}, r"unknown key\(s\) optim\.lr_typo; optim allows: .*blr"),
+    ({"method": {"name": "mae"}, "optimizer": {}}, r"unknown section\(s\) \['optimizer'\]"),
+    ({"method": {"name": "nope"}}, r"unknown method 'nope'; known methods: .*mae.*pcae"),
+    ({"method": {}}, r"method\.name is required"),
+    ({"method": {"name": "mae"}, "train": {"mixed_precision": "fp8"}}, r"train\.mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16'"),
+    ({"method": {"name": "mae"}, "train": {"global_batch_size": 100, "micro_batch_size": 64}}, r"multiple of"),
+    ({"method": {"name": "mae", "img_size": 100}}, r"invalid method: .*"),
+    ({"method": {"name": "mae"}, "optim": {"betas": "0.9"}}, r"optim\.betas must be a list"),
+])
+def test_bad_configs_name_the_problem(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        experiment_from_dict(raw)
+
+
+def test_method_argument_must_match_the_file() -> None:
+    with pytest.raises(ConfigError, match="is for method 'pcae' but the command asks for 'mae'"):
+        load_experiment(EXPERIMENTS_DIR / "pretrain" / "pcae_vit_base.yaml", method="mae")
+
+
+@pytest.mark.parametrize("text", ["noequals", "=3", "a..b=1"])
+def test_malformed_override(text: str) -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override(text)
