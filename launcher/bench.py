@@ -1,0 +1,132 @@
+"""Benchmarks that print ratios measured side by side in one process.
+
+``launch bench pretrain``: PCAE and MAE training steps (forward, backward, AdamW step,
+EMA update) on random images, alternating after a warm-up, at each ViT size asked for.
+It prints images/s, the measured PCAE/MAE speed ratio next to the ratio of their
+counted FLOPs (``torch.utils.flop_counter``), and the achieved FLOP/s as a fraction of
+this machine's dense matmul peak, measured in the same run (fp32 on CPU, bf16 on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from launcher.trainer import build_optimizer
+from launcher.config import OptimConfig
+from methods import build_method, get_method
+
+DEFAULT_BATCH = {"micro": 64, "tiny": 64, "small": 32, "base": 16, "large": 4, "huge": 2}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
+    """Best sustained FLOP/s of an n x n x n matmul: the ceiling a training step can approach."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(10 if device.type == "cuda" else 1):
+            torch.mm(a, b, out=out)
+        synchronize(device)
+        repeats = 10 if device.type == "cuda" else 1
+        best = max(best, repeats * 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+@dataclass
+class Contender:
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    flops_per_step: float
+    times: list[float]
+
+
+def make_contender(method: str, size: str, batch: dict[str, torch.Tensor], device: torch.device,
+                   autocast: bool) -> Contender:
+    cfg = get_method(method).config(size=size, img_size=224, patch_size=14 if size == "huge" else 16)
+    model = build_method(cfg).to(device).train()
+    optimizer = build_optimizer(model, OptimConfig())
+    contender = Contender(method, model, optimizer, 0.0, [])
+    with FlopCounterMode(display=False) as counter:
+        step(contender, batch, device, autocast)
+    contender.flops_per_step = counter.get_total_flops()
+    return contender
+
+
+def step(c: Contender, batch: dict[str, torch.Tensor], device: torch.device, autocast: bool) -> None:
+    """One training step as the trainer takes it."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = c.model(batch)["loss"]
+    loss.backward()
+    c.optimizer.step()
+    c.optimizer.zero_grad(set_to_none=True)
+    if hasattr(c.model, "on_step_end"):
+        c.model.on_step_end(1, 1000)
+
+
+def bench_pretrain(args: argparse.Namespace) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = device.type == "cuda"
+    dtype = torch.bfloat16 if autocast else torch.float32
+    peak = matmul_peak(device, dtype)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"device: {device.type} ({where}); torch {torch.__version__}")
+    print(f"{'bf16' if autocast else 'fp32'} matmul peak (2048^3, measured now): {peak / 1e12:.3f} TFLOP/s\n")
+    header = f"{'size':<6}{'batch':>6}  {'method':<6}{'img/s':>9}{'GFLOP/img':>11}{'TFLOP/s':>9}{'of peak':>9}"
+    print(header)
+    print("-" * len(header))
+    for size in args.sizes.split(","):
+        batch_size = args.batch_size or DEFAULT_BATCH[size]
+        generator = torch.Generator().manual_seed(0)
+        batch = {"image": torch.randn(batch_size, 3, 224, 224, generator=generator).to(device),
+                 "seed": torch.arange(batch_size, device=device)}
+        contenders = [make_contender(m, size, batch, device, autocast) for m in ("mae", "pcae")]
+        for _ in range(args.warmup):
+            for c in contenders:
+                step(c, batch, device, autocast)
+        for _ in range(args.steps):  # alternate, so drifts in clock speed hit both alike
+            for c in contenders:
+                synchronize(device)
+                start = time.perf_counter()
+                step(c, batch, device, autocast)
+                synchronize(device)
+                c.times.append(time.perf_counter() - start)
+        speed = {}
+        for c in contenders:
+            seconds = statistics.median(c.times)
+            speed[c.name] = batch_size / seconds
+            achieved = c.flops_per_step / seconds
+            print(f"{size:<6}{batch_size:>6}  {c.name:<6}{speed[c.name]:>9.2f}"
+                  f"{c.flops_per_step / batch_size / 1e9:>11.2f}{achieved / 1e12:>9.3f}{achieved / peak:>9.1%}")
+            del c.model, c.optimizer
+        mae, pcae = contenders
+        flop_ratio = mae.flops_per_step / pcae.flops_per_step
+        measured = speed["pcae"] / speed["mae"]
+        print(f"{size:<6} PCAE/MAE speed: measured {measured:.3f}, FLOP ratio {flop_ratio:.3f}, "
+              f"measured / FLOP ratio {measured / flop_ratio:.3f} (target >= 0.95)\n")
+    return 0
+
+
+BENCHMARKS = {"pretrain": bench_pretrain}
+
+
+def run(args: argparse.Namespace) -> int:
+    return BENCHMARKS[args.benchmark](args)
