@@ -1,0 +1,75 @@
+"""MAE: masked autoencoders that reconstruct the pixels of randomly masked patches (He et al., 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from methods.registry import register_method
+from methods.vit import MaskedDecoder, MaskedViTConfig, Masking, batch_noise, gather_tokens, patchify, random_masking
+
+
+@dataclass
+class MAEConfig(MaskedViTConfig):
+    """MAE with a ViT encoder; defaults are the reference ViT-B/16 recipe (8 x 512 decoder)."""
+
+    name: str = "mae"
+    norm_pix_loss: bool = True
+
+    @classmethod
+    def tiny(cls) -> MAEConfig:
+        """The tiny flavour: a "micro" ViT on 32 px images, for CPU tests and smoke runs."""
+        return cls(size="micro", img_size=32, patch_size=8, decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+def mae_loss(pred: Tensor, target_patches: Tensor, norm_pix_loss: bool) -> Tensor:
+    """Mean per-patch MSE between predictions and pixel patches ``[B, m, p*p*C]`` of the removed patches.
+
+    With ``norm_pix_loss`` each target patch is standardised by its own mean and (unbiased)
+    variance first, as in the reference.
+    """
+    target = target_patches
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    # Every sample removes the same number of patches, so the mean over all elements is the
+    # mean over removed patches of the per-patch MSE.
+    return (pred - target).square().mean()
+
+
+@register_method("mae", config=MAEConfig)
+class MAE(nn.Module):
+    """Encode the visible patches (+ cls), decode the removed ones, regress their pixels."""
+
+    def __init__(self, cfg: MAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = cfg.build_encoder(drop_path=cfg.drop_path)
+        self.decoder = MaskedDecoder(
+            grid_size=self.encoder.grid_size,
+            in_dim=self.encoder.embed_dim,
+            embed_dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_num_heads,
+            out_dim=cfg.patch_size**2 * cfg.in_chans,
+            mlp_ratio=cfg.mlp_ratio,
+        )
+
+    def mask(self, batch: dict[str, Tensor]) -> Masking:
+        """The masking this batch gets (a function of ``batch["seed"]`` when present)."""
+        num_patches = self.encoder.num_patches
+        return random_masking(num_patches, self.cfg.mask_ratio, batch_noise(batch, num_patches))
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        images = batch["image"]
+        masking = self.mask(batch)
+        latent = self.encoder(images, masking.ids_keep)
+        pred = self.decoder(latent, masking.ids_keep, masking.ids_masked)
+        target = gather_tokens(patchify(images, self.cfg.patch_size), masking.ids_masked)
+        return {"loss": mae_loss(pred, target, self.cfg.norm_pix_loss)}
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Mean of the encoder's normalised patch tokens over all patches ``[B, D]``."""
+        return self.encoder(images)[:, self.encoder.num_prefix_tokens :].mean(dim=1)

@@ -1,0 +1,212 @@
+"""PCAE: predict an EMA teacher's features of the masked patches, with progressive token reduction.
+
+The student encodes the visible patches (+ cls). An EMA copy of it, the teacher, encodes only
+the masked patches and discards tokens after chosen blocks (``TokenReducer``), so the targets
+are the few masked tokens that survive. A light decoder predicts the teacher's standardised
+features at those positions; the loss is one minus their mean cosine similarity.
+
+Departures from the reference release (caddyless/PCAE), all deliberate fixes:
+the teacher starts as a copy of the student and is frozen in every run mode (not only under
+DDP); it sees the masked patches (as after commit 3332232), never the visible ones; the
+prediction head outputs the teacher's width rather than ``p*p*3``, so every ViT size works;
+the EMA momentum really ends at ``momentum_final``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods.registry import register_method
+from methods.token_reduction import (
+    DROP_MODES,
+    DropMode,
+    TokenReducer,
+    default_drop_positions,
+    reduced_token_counts,
+)
+from methods.vit import MaskedDecoder, MaskedViTConfig, Masking, batch_noise, random_masking
+
+
+@dataclass
+class PCAEConfig(MaskedViTConfig):
+    """PCAE with a ViT encoder; defaults are the reference ViT-B/16 recipe.
+
+    ``drop_positions`` are the teacher blocks after which tokens are reduced; ``None`` spaces
+    ``num_drop_stages`` of them evenly (blocks 0, 4, 8 for ViT-B).
+    """
+
+    name: str = "pcae"
+    drop_path: float = 0.25
+    decoder_drop_path: float = 0.25
+    keep_ratio: float = 0.5
+    num_drop_stages: int = 3
+    drop_positions: tuple[int, ...] | None = None
+    drop_mode: DropMode = "similarity"
+    momentum: float = 0.9999
+    momentum_final: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        depth = self.vit.depth
+        if not 0.0 <= self.decoder_drop_path < 1.0:
+            raise ValueError(f"decoder_drop_path must be in [0, 1), got {self.decoder_drop_path}")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if not 0 <= self.num_drop_stages <= depth:
+            raise ValueError(
+                f"num_drop_stages must be between 0 and the encoder depth {depth} (size {self.size!r}), "
+                f"got {self.num_drop_stages}"
+            )
+        if self.drop_positions is not None:
+            self.drop_positions = tuple(self.drop_positions)
+            self._check_drop_positions(depth)
+        if self.drop_mode not in DROP_MODES:
+            raise ValueError(f"unknown drop_mode {self.drop_mode!r}; known modes: {', '.join(DROP_MODES)}")
+        for key in ("momentum", "momentum_final"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1], got {value}")
+        counts = self.target_token_counts
+        if counts[-1] < 1:
+            raise ValueError(
+                f"token reduction leaves no target tokens ({' -> '.join(map(str, counts))}); "
+                "raise keep_ratio, lower mask_ratio or use fewer drop stages"
+            )
+
+    def _check_drop_positions(self, depth: int) -> None:
+        positions = self.drop_positions
+        assert positions is not None
+        if len(positions) != self.num_drop_stages:
+            raise ValueError(
+                f"drop_positions {list(positions)} has {len(positions)} entries but num_drop_stages is "
+                f"{self.num_drop_stages}; set num_drop_stages to {len(positions)} or leave drop_positions unset"
+            )
+        out_of_range = [i for i in positions if not 0 <= i < depth]
+        if out_of_range:
+            raise ValueError(
+                f"drop_positions {out_of_range} are out of range; blocks are numbered 0 to {depth - 1} "
+                f"for size {self.size!r}"
+            )
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"drop_positions {list(positions)} has duplicates; list each block once")
+        if list(positions) != sorted(positions):
+            raise ValueError(f"drop_positions {list(positions)} must be in increasing order")
+
+    @property
+    def resolved_drop_positions(self) -> tuple[int, ...]:
+        """The teacher blocks after which tokens are reduced."""
+        if self.drop_positions is not None:
+            return self.drop_positions
+        return default_drop_positions(self.vit.depth, self.num_drop_stages)
+
+    @property
+    def target_token_counts(self) -> tuple[int, ...]:
+        """Teacher token counts: masked patches, then after each reduction (ViT-B/16: 147, 73, 36, 18)."""
+        return reduced_token_counts(self.num_masked, self.keep_ratio, len(self.resolved_drop_positions))
+
+    @classmethod
+    def tiny(cls) -> PCAEConfig:
+        """The tiny flavour: a "micro" ViT on 32 px images (12 masked -> 6 -> 3 -> 1 target tokens)."""
+        return cls(size="micro", img_size=32, patch_size=8, decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
+    """EMA momentum at ``step``: a half cosine from ``start`` (step 0) to ``end`` (step ``total_steps``)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return end - (end - start) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+class TeacherTargets(NamedTuple):
+    """What the teacher produced for a batch.
+
+    ``features`` ``[B, m, D]`` are the standardised targets at patch ids ``ids`` ``[B, m]``;
+    ``ids_per_stage`` holds the ids entering the teacher, then those kept after each reduction.
+    """
+
+    features: Tensor
+    ids: Tensor
+    ids_per_stage: tuple[Tensor, ...]
+
+
+@register_method("pcae", config=PCAEConfig)
+class PCAE(nn.Module):
+    """Student/teacher feature prediction on masked patches with a token-reducing EMA teacher."""
+
+    def __init__(self, cfg: PCAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = cfg.build_encoder(drop_path=cfg.drop_path)
+        self.teacher = cfg.build_encoder(drop_path=0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.drop_positions = cfg.resolved_drop_positions
+        self.reducer = TokenReducer(cfg.keep_ratio, cfg.drop_mode)
+        self.decoder = MaskedDecoder(
+            grid_size=self.student.grid_size,
+            in_dim=self.student.embed_dim,
+            embed_dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_num_heads,
+            out_dim=self.teacher.embed_dim,
+            mlp_ratio=cfg.mlp_ratio,
+            drop_path=cfg.decoder_drop_path,
+        )
+        counts = cfg.target_token_counts
+        # The random drop mode draws its scores from the batch seeds too, after the mask noise.
+        self._noise_sizes = (self.student.num_patches, *(counts[:-1] if cfg.drop_mode == "random" else ()))
+
+    def _draw(self, batch: dict[str, Tensor]) -> tuple[Masking, tuple[Tensor, ...]]:
+        noise = batch_noise(batch, sum(self._noise_sizes)).split(self._noise_sizes, dim=1)
+        return random_masking(self.student.num_patches, self.cfg.mask_ratio, noise[0]), noise[1:]
+
+    def mask(self, batch: dict[str, Tensor]) -> Masking:
+        """The masking this batch gets (a function of ``batch["seed"]`` when present)."""
+        return self._draw(batch)[0]
+
+    @torch.no_grad()
+    def teacher_targets(
+        self, images: Tensor, ids_masked: Tensor, stage_noise: Sequence[Tensor] = ()
+    ) -> TeacherTargets:
+        """Encode only the masked patches (no cls), reducing tokens after each drop position."""
+        ids_per_stage = [ids_masked]
+        noise = iter(stage_noise)
+
+        def reduce(block_index: int, x: Tensor) -> Tensor:
+            if block_index not in self.drop_positions:
+                return x
+            x, ids = self.reducer(x, ids_per_stage[-1], next(noise, None))
+            ids_per_stage.append(ids)
+            return x
+
+        x = self.teacher.forward_tokens(self.teacher.embed_patches(images, ids_masked), hook=reduce)
+        features = F.layer_norm(x, x.shape[-1:], eps=1e-6)
+        return TeacherTargets(features, ids_per_stage[-1], tuple(ids_per_stage))
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        images = batch["image"]
+        masking, stage_noise = self._draw(batch)
+        latent = self.student(images, masking.ids_keep)
+        targets = self.teacher_targets(images, masking.ids_masked, stage_noise)
+        pred = self.decoder(latent, masking.ids_keep, targets.ids)
+        loss = 1.0 - F.cosine_similarity(pred, targets.features, dim=-1).mean()
+        num_targets = pred.new_tensor(float(targets.ids.shape[1]))
+        return {"loss": loss, "num_target_tokens": num_targets}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """EMA update of the teacher after optimizer step ``step`` (1-based) of ``total_steps``."""
+        m = ema_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_final)
+        if m < 1.0:
+            torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), 1.0 - m)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Mean of the student's normalised patch tokens over all patches ``[B, D]``."""
+        return self.student(images)[:, self.student.num_prefix_tokens :].mean(dim=1)
