@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from launcher.trainer import build_optimizer
 from launcher.config import OptimConfig
+from launcher.cpu_allocator import keep_freed_memory
+from launcher.trainer import build_optimizer
 from methods import build_method, get_method
 
 DEFAULT_BATCH = {"micro": 64, "tiny": 64, "small": 32, "base": 16, "large": 4, "huge": 2}
@@ -37,14 +38,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds
     out = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b, out=out)
+    repeats = 10 if device.type == "cuda" else 1  # one launch is too short to time on a GPU
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         synchronize(device)
         start = time.perf_counter()
-        for _ in range(10 if device.type == "cuda" else 1):
+        for _ in range(repeats):
             torch.mm(a, b, out=out)
         synchronize(device)
-        repeats = 10 if device.type == "cuda" else 1
         best = max(best, repeats * 2 * n**3 / (time.perf_counter() - start))
     return best
 
@@ -83,6 +84,8 @@ def step(c: Contender, batch: dict[str, torch.Tensor], device: torch.device, aut
 
 def bench_pretrain(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does
     autocast = device.type == "cuda"
     dtype = torch.bfloat16 if autocast else torch.float32
     peak = matmul_peak(device, dtype)

@@ -18,7 +18,8 @@ import signal
 import sys
 from pathlib import Path
 
-from launcher.errors import UserError
+from launcher.errors import ConfigError, UserError
+from launcher.runs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    parser = build_parser()
+    # Overrides may come before or after flags; argparse leaves the later ones as extras.
+    args, extras = parser.parse_known_args(argv)
+    unknown = [e for e in extras if e.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    setup_logging(None, rank=0)
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
@@ -75,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from launcher.config import default_experiment, dump_yaml, load_experiment
     from launcher.runs import check_run_dir, default_run_dir
+    from methods import UnknownMethodError, get_method
 
+    try:
+        get_method(args.method)
+    except UnknownMethodError as e:
+        raise ConfigError(str(e)) from None
     experiment = args.experiment or default_experiment("pretrain", args.method, local=True)
     cfg = load_experiment(experiment, args.overrides, method=args.method)
     run_dir = args.run_dir or default_run_dir("pretrain", experiment.stem)

@@ -103,10 +103,15 @@ class ProbeConfig:
     targets: tuple[int, ...] = (0, 1)  # label columns to predict (LunarLander: x, y)
     num_samples: int = 4000
     test_fraction: float = 0.2
+    # Average the patch tokens over a grid x grid layout of cells and concatenate them, which
+    # keeps where things are (a global mean forgets it); 0 uses the method's own embed().
+    grid: int = 2
 
     def __post_init__(self) -> None:
         if not self.targets or self.num_samples <= 0 or not 0.0 < self.test_fraction < 1.0:
             raise ValueError("probe needs targets, num_samples > 0 and test_fraction in (0, 1)")
+        if self.grid < 0:
+            raise ValueError(f"probe.grid must be >= 0, got {self.grid}")
 
 
 @dataclass

@@ -23,12 +23,23 @@ log = logging.getLogger(__name__)
 RIDGE_PENALTIES = tuple(10.0 ** k for k in range(-3, 5))
 
 
+def grid_features(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """Patch tokens ``[B, N, D]`` of a square image, averaged over grid x grid cells: ``[B, grid*grid*D]``."""
+    b, n, d = tokens.shape
+    side = int(round(n ** 0.5))
+    assert side * side == n, f"{n} patch tokens do not form a square grid"
+    token_map = tokens.transpose(1, 2).reshape(b, d, side, side)
+    return torch.nn.functional.adaptive_avg_pool2d(token_map, grid).flatten(1)
+
+
 @torch.no_grad()
-def embed(model: nn.Module, images: list[torch.Tensor], batch_size: int = 256) -> np.ndarray:
+def embed(model: nn.Module, images: list[torch.Tensor], grid: int, batch_size: int = 256) -> np.ndarray:
     model.eval()
     device = next(model.parameters()).device
-    out = [model.embed(torch.stack(images[i:i + batch_size]).to(device)).float().cpu()
-           for i in range(0, len(images), batch_size)]
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.stack(images[i:i + batch_size]).to(device)
+        out.append((grid_features(model.patch_tokens(x), grid) if grid else model.embed(x)).float().cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -78,5 +89,6 @@ def probe_encoders(cfg: ExperimentConfig, encoders: dict[str, nn.Module]) -> dic
 
     (train_images, train_y), (test_images, test_y) = load(train_idx), load(test_idx)
     log.info("probe: %d train / %d test frames, targets %s", len(train_y), len(test_y), list(cfg.probe.targets))
-    return {name: ridge_probe(embed(model, train_images), train_y, embed(model, test_images), test_y).tolist()
+    grid = cfg.probe.grid
+    return {name: ridge_probe(embed(model, train_images, grid), train_y, embed(model, test_images, grid), test_y).tolist()
             for name, model in encoders.items()}

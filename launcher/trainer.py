@@ -26,6 +26,7 @@ from torch import nn
 
 from launcher import checkpoint
 from launcher.config import ExperimentConfig, OptimConfig
+from launcher.cpu_allocator import keep_freed_memory
 from launcher.data import ResumableSampler, SeededDataset, build_base_dataset, build_loader, build_transform
 from launcher.errors import ConfigError, UserError
 from launcher.runs import MetricsLog, setup_logging, write_config
@@ -92,6 +93,8 @@ class Trainer:
             mixed_precision=resolve_mixed_precision(train.mixed_precision),
         )
         acc = self.accelerator
+        if acc.device.type == "cpu":
+            keep_freed_memory()
         expected = int(os.environ.get("WORLD_SIZE", "1"))
         if acc.num_processes != expected:
             raise RuntimeError(f"WORLD_SIZE is {expected} but Accelerate sees {acc.num_processes} processes")

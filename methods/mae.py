@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from methods.registry import register_method
-from methods.vit import MaskedDecoder, MaskedViTConfig, Masking, batch_noise, gather_tokens, patchify, random_masking
+from methods.vit import MaskedViTConfig, Masking, batch_noise, gather_tokens, patchify, random_masking
 
 
 @dataclass
@@ -47,15 +47,7 @@ class MAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = cfg.build_encoder(drop_path=cfg.drop_path)
-        self.decoder = MaskedDecoder(
-            grid_size=self.encoder.grid_size,
-            in_dim=self.encoder.embed_dim,
-            embed_dim=cfg.decoder_dim,
-            depth=cfg.decoder_depth,
-            num_heads=cfg.decoder_num_heads,
-            out_dim=cfg.patch_size**2 * cfg.in_chans,
-            mlp_ratio=cfg.mlp_ratio,
-        )
+        self.decoder = cfg.build_decoder(out_dim=cfg.patch_size**2 * cfg.in_chans)
 
     def mask(self, batch: dict[str, Tensor]) -> Masking:
         """The masking this batch gets (a function of ``batch["seed"]`` when present)."""
@@ -70,6 +62,10 @@ class MAE(nn.Module):
         target = gather_tokens(patchify(images, self.cfg.patch_size), masking.ids_masked)
         return {"loss": mae_loss(pred, target, self.cfg.norm_pix_loss)}
 
+    def patch_tokens(self, images: Tensor) -> Tensor:
+        """The encoder's normalised patch tokens for all patches, in grid order ``[B, N, D]``."""
+        return self.encoder(images)[:, self.encoder.num_prefix_tokens :]
+
     def embed(self, images: Tensor) -> Tensor:
         """Mean of the encoder's normalised patch tokens over all patches ``[B, D]``."""
-        return self.encoder(images)[:, self.encoder.num_prefix_tokens :].mean(dim=1)
+        return self.patch_tokens(images).mean(dim=1)

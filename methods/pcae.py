@@ -30,7 +30,7 @@ from methods.token_reduction import (
     default_drop_positions,
     reduced_token_counts,
 )
-from methods.vit import MaskedDecoder, MaskedViTConfig, Masking, batch_noise, random_masking
+from methods.vit import MaskedViTConfig, Masking, batch_noise, random_masking
 
 
 @dataclass
@@ -149,16 +149,7 @@ class PCAE(nn.Module):
         self.teacher.requires_grad_(False)
         self.drop_positions = cfg.resolved_drop_positions
         self.reducer = TokenReducer(cfg.keep_ratio, cfg.drop_mode)
-        self.decoder = MaskedDecoder(
-            grid_size=self.student.grid_size,
-            in_dim=self.student.embed_dim,
-            embed_dim=cfg.decoder_dim,
-            depth=cfg.decoder_depth,
-            num_heads=cfg.decoder_num_heads,
-            out_dim=self.teacher.embed_dim,
-            mlp_ratio=cfg.mlp_ratio,
-            drop_path=cfg.decoder_drop_path,
-        )
+        self.decoder = cfg.build_decoder(out_dim=self.teacher.embed_dim, drop_path=cfg.decoder_drop_path)
         counts = cfg.target_token_counts
         # The random drop mode draws its scores from the batch seeds too, after the mask noise.
         self._noise_sizes = (self.student.num_patches, *(counts[:-1] if cfg.drop_mode == "random" else ()))
@@ -207,6 +198,10 @@ class PCAE(nn.Module):
         if m < 1.0:
             torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), 1.0 - m)
 
+    def patch_tokens(self, images: Tensor) -> Tensor:
+        """The student's normalised patch tokens for all patches, in grid order ``[B, N, D]``."""
+        return self.student(images)[:, self.student.num_prefix_tokens :]
+
     def embed(self, images: Tensor) -> Tensor:
         """Mean of the student's normalised patch tokens over all patches ``[B, D]``."""
-        return self.student(images)[:, self.student.num_prefix_tokens :].mean(dim=1)
+        return self.patch_tokens(images).mean(dim=1)

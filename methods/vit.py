@@ -347,3 +347,16 @@ class MaskedViTConfig(MethodConfig):
             mlp_ratio=self.mlp_ratio,
             drop_path=drop_path,
         )
+
+    def build_decoder(self, out_dim: int, drop_path: float = 0.0) -> MaskedDecoder:
+        """The decoder this config describes, mapping encoder tokens to ``out_dim`` per query."""
+        return MaskedDecoder(
+            grid_size=(self.img_size // self.patch_size,) * 2,
+            in_dim=self.vit.embed_dim,
+            embed_dim=self.decoder_dim,
+            depth=self.decoder_depth,
+            num_heads=self.decoder_num_heads,
+            out_dim=out_dim,
+            mlp_ratio=self.mlp_ratio,
+            drop_path=drop_path,
+        )
