@@ -29,8 +29,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class DataConfig:
     """Which data set to read and how to augment it."""
 
-    name: Literal["imagefolder", "lunarlander"] = "imagefolder"
+    name: Literal["imagefolder", "lunarlander", "stl10", "svhn"] = "imagefolder"
     root: str = ""  # checked when the data set is opened, so experiments can leave it to the CLI
+    split: str = "train"  # stl10: train/test/unlabeled; svhn: train/test/extra; others: unused
     augment: Literal["mae", "flip", "none"] = "mae"
     min_crop_scale: float = 0.2
     mean: tuple[float, ...] = IMAGENET_MEAN
