@@ -112,6 +112,11 @@ class Trainer:
         model = build_method(cfg.method)
         with acc.main_process_first():  # rank 0 may have to generate the data set first
             base = build_base_dataset(cfg.data, cfg.method.img_size)
+        if len(base) < train.global_batch_size:
+            raise ConfigError(
+                f"the data set has {len(base)} samples, fewer than one global batch "
+                f"({train.global_batch_size}); lower train.global_batch_size"
+            )
         # Only now, with the config and data known to be good, is the run directory written.
         if acc.is_main_process:
             write_config(self.run_dir, cfg)
@@ -120,11 +125,6 @@ class Trainer:
         dataset = SeededDataset(base, build_transform(cfg.data, cfg.method.img_size), train.seed)
         self.sampler = ResumableSampler(len(dataset), train.micro_batch_size, self.accumulation_steps,
                                         acc.process_index, acc.num_processes, train.seed)
-        if self.sampler.steps_per_epoch == 0:
-            raise ConfigError(
-                f"the data set has {len(dataset)} samples, fewer than one global batch "
-                f"({train.global_batch_size}); lower train.global_batch_size"
-            )
         self.loader = build_loader(dataset, self.sampler, cfg.data.num_workers, acc.device.type == "cuda")
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = train.num_epochs * self.steps_per_epoch
