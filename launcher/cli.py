@@ -3,6 +3,8 @@
     launch pretrain pcae                     # the embedded default: this machine, small local experiment
     launch pretrain mae --experiment F.yaml optim.blr=1e-4 data.root=...
     launch pretrain pcae --dry-run           # print the resolved config and run directory only
+    launch pretrain pcae --nodes 4 --cluster mycluster   # one SLURM job of 4 nodes (slurm/clusters/)
+    launch status [RUN]    launch resume RUN    launch cancel RUN    launch logs RUN [-f] [--rank K]
     launch data lunarlander --frames 20000 --out data/lunarlander-64
     launch bench pretrain
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -37,7 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--run-dir", type=Path, help="run directory; an existing run of the same config resumes")
     pretrain.add_argument("--local", action="store_true",
                           help="run on this machine (the default while no cluster is named)")
-    pretrain.add_argument("--dry-run", action="store_true", help="print the resolved config and run directory, run nothing")
+    pretrain.add_argument("--dry-run", action="store_true",
+                          help="print the resolved config, run directory (and sbatch script), run nothing")
+    slurm = pretrain.add_argument_group("SLURM (override the cluster profile)")
+    slurm.add_argument("--cluster", help="cluster profile slurm/clusters/NAME.yaml; submits one SLURM job")
+    slurm.add_argument("--nodes", type=int, help="nodes of the job (default 1)")
+    slurm.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (0: one task per node)")
+    slurm.add_argument("--partition", help="SLURM partition")
+    slurm.add_argument("--time", help="time limit: minutes, H:MM:SS or D-HH:MM:SS")
+    slurm.add_argument("--max-requeues", type=int, default=10,
+                       help="requeues after preemption/time limit before the job gives up (default 10)")
+
+    status = commands.add_parser("status", help="state of a SLURM run (or of every run) from sacct")
+    status.add_argument("run", nargs="?", type=Path, help="run directory (default: all runs of all profiles)")
+    resume = commands.add_parser("resume", help="resubmit a stopped SLURM run with its recorded config")
+    resume.add_argument("run", type=Path)
+    resume.add_argument("--max-requeues", type=int, help="override the recorded limit")
+    cancel = commands.add_parser("cancel", help="cancel the SLURM jobs of a run")
+    cancel.add_argument("run", type=Path)
+    logs = commands.add_parser("logs", help="print the log of one task of a run's newest job")
+    logs.add_argument("run", type=Path)
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("--rank", type=int, default=0, help="global rank of the task (default 0)")
 
     data = commands.add_parser("data", help="generate a data set")
     data_kinds = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
@@ -88,6 +112,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         get_method(args.method)
     except UnknownMethodError as e:
         raise ConfigError(str(e)) from None
+    slurm_flags = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "partition", "time")
+                   if getattr(args, k) is not None]
+    if args.local and (args.cluster or slurm_flags):
+        raise ConfigError(f"--local runs on this machine; drop {' '.join(slurm_flags) or '--cluster'} or --local")
+    if slurm_flags and not args.cluster:
+        from launcher.slurm import profile_names
+
+        raise ConfigError(f"{' '.join(slurm_flags)} need a cluster profile: pass --cluster NAME "
+                          f"(known profiles: {', '.join(profile_names())})")
+    if args.cluster:
+        return pretrain_on_slurm(args)
     experiment = args.experiment or default_experiment("pretrain", args.method, local=True)
     cfg = load_experiment(experiment, args.overrides, method=args.method)
     run_dir = args.run_dir or default_run_dir("pretrain", experiment.stem)
@@ -98,6 +133,47 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 0
     print(f"experiment {experiment}\nrun directory {run_dir}{' (resuming)' if resuming else ''}", flush=True)
     return run_pretrain(cfg, run_dir)
+
+
+def pretrain_on_slurm(args: argparse.Namespace) -> int:
+    from launcher import slurm
+    from launcher.config import default_experiment, dump_yaml, load_experiment
+    from launcher.runs import check_run_dir, default_run_dir, write_config
+
+    profile = slurm.load_profile(args.cluster)
+    res = slurm.resolve_resources(args.cluster, profile, args.nodes, args.gpus_per_node, args.partition,
+                                  None if args.time is None else slurm.parse_time(args.time))
+    if args.max_requeues < 0:
+        raise ConfigError("--max-requeues must be >= 0")
+    experiment = args.experiment or default_experiment("pretrain", args.method, local=False)
+    cfg = load_experiment(experiment, args.overrides, method=args.method)
+    world = res.nodes * res.tasks_per_node
+    if cfg.train.global_batch_size % (cfg.train.micro_batch_size * world):
+        raise ConfigError(f"train.global_batch_size ({cfg.train.global_batch_size}) is not a multiple of "
+                          f"train.micro_batch_size x processes ({cfg.train.micro_batch_size} x {world}); "
+                          f"change one of them or the number of nodes/GPUs")
+    run_dir = (args.run_dir or Path(profile.runs_dir) / default_run_dir("pretrain", experiment.stem).name)
+    run_dir = Path(run_dir).resolve()
+    slurm.check_shared(run_dir, "run directory")
+    resuming = check_run_dir(run_dir, cfg)
+    if args.dry_run:
+        if shutil.which("sbatch"):
+            slurm.check_partition(res)
+        script = slurm.render_sbatch(profile, res, run_dir, f"launch-{cfg.method.name}", args.max_requeues)
+        print(f"# experiment: {experiment}\n# run directory: {run_dir}"
+              f"{' (exists: would resume)' if resuming else ''}\n"
+              f"# cluster {res.cluster}: {res.nodes} node(s) x {res.tasks_per_node} task(s), partition "
+              f"{res.partition}, {res.time_min} min\n{dump_yaml(cfg)}# sbatch script\n{script}", end="")
+        return 0
+    slurm.check_cluster(res)
+    if resuming and (run_dir / slurm.LAUNCH_JSON).is_file():
+        slurm.check_not_active(run_dir)
+    write_config(run_dir, cfg)
+    job_id = slurm.submit(cfg, run_dir, profile, res, args.max_requeues)
+    print(f"submitted job {job_id} to {res.cluster} ({res.nodes} node(s), partition {res.partition})\n"
+          f"run directory {run_dir}{' (resuming)' if resuming else ''}\n"
+          f"  launch status {run_dir}\n  launch logs {run_dir} -f\n  launch cancel {run_dir}")
+    return 0
 
 
 def run_pretrain(cfg, run_dir: Path) -> int:
@@ -162,7 +238,64 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "data": cmd_data, "bench": cmd_bench}
+# ----------------------------------------------------------------------------- operating SLURM runs
+
+
+def format_status(status: dict) -> str:
+    loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
+    line = (f"{status['run_dir']}: job {status['job_id']} on {status['cluster']} {status['state']}, "
+            f"step {status['step'] if status['step'] is not None else '-'}, loss {loss}, "
+            f"restarts {status['restarts']}")
+    if status["last_error"]:
+        line += f"\n  last error: {status['last_error']}"
+    return line
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from launcher import slurm
+
+    runs = [args.run] if args.run else slurm.find_runs()
+    if not runs:
+        print("no SLURM runs found under the profiles' runs_dir")
+    for run in runs:
+        print(format_status(slurm.run_status(run)))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from launcher import slurm
+
+    job_id = slurm.resume(args.run, args.max_requeues)
+    print(f"submitted job {job_id}; run directory {Path(args.run).resolve()} resumes from its newest checkpoint")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from launcher import slurm
+
+    cancelled = slurm.cancel(args.run)
+    print(f"cancelled job(s) {', '.join(cancelled)}" if cancelled else "no active job to cancel")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from launcher import slurm
+
+    path = slurm.log_path(args.run, args.rank)
+    if args.follow:
+        try:
+            slurm.follow(path, args.run)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if not path.exists():
+        raise UserError(f"no log {path} yet: the job has not started (see `launch status {args.run}`)")
+    sys.stdout.write(path.read_text())
+    return 0
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "data": cmd_data, "bench": cmd_bench, "status": cmd_status,
+            "resume": cmd_resume, "cancel": cmd_cancel, "logs": cmd_logs}
 
 if __name__ == "__main__":
     sys.exit(main())

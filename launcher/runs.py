@@ -56,7 +56,7 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
             f"of this tool. Pass another --run-dir."
         )
     parent = run_dir if run_dir.exists() else next(p for p in run_dir.parents if p.exists())
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise RunDirError(f"cannot write the run directory {run_dir}: {parent} is not writable. "
                           f"Pass a --run-dir you can write to.")
     return False

@@ -24,3 +24,11 @@ def test_ci_runs_the_readme_test_command() -> None:
     _, tests = first_code_block()
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert tests in ci
+
+
+def test_ci_starts_the_slurm_cluster_before_the_tests_and_stops_it_after() -> None:
+    _, tests = first_code_block()
+    assert "bash slurm/local-cluster.sh up && " in tests and tests.index("up &&") < tests.index("pytest")
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    trap = "trap 'bash slurm/local-cluster.sh down' EXIT"
+    assert trap in ci and ci.index(trap) < ci.index(tests)
