@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     lunar.add_argument("--workers", type=int, default=2, help="worker processes")
     lunar.add_argument("--seed", type=int, default=0)
 
+    sweep = commands.add_parser("tune", help="run a Ray Tune sweep (local Ray by default)")
+    sweep.add_argument("study", choices=["ae-losses"], help="the study to sweep")
+    sweep.add_argument("--experiment", type=Path, help="sweep file (default: experiments/tune/ae_losses.yaml)")
+    sweep.add_argument("--dataset", help="run only this data set of the sweep, e.g. lunarlander")
+    sweep.add_argument("--storage", type=Path, default=Path("runs/tune"), help="where sweeps live (default runs/tune)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="finish an interrupted sweep (re-running the same command does the same)")
+    sweep.add_argument("--address", help="an existing Ray cluster to use, e.g. host:6379 (default: local Ray)")
+
+    report = commands.add_parser("report", help="Markdown table and PNG plots of a sweep")
+    report.add_argument("sweep", type=Path, help="sweep directory, e.g. runs/tune/ae-losses")
+
     bench = commands.add_parser("bench", help="benchmarks that print measured ratios")
     bench_kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     bench_pretrain = bench_kinds.add_parser("pretrain", help="PCAE vs MAE training steps, side by side")
@@ -294,8 +306,32 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from launcher.tune import TUNE_DIR, load_sweep, run_sweep, sweep_dir
+
+    experiment = args.experiment or TUNE_DIR / "ae_losses.yaml"
+    sweep = load_sweep(experiment, args.dataset)
+    path = sweep_dir(sweep, args.storage)
+    if args.resume and not path.exists():
+        raise ConfigError(f"--resume: there is no sweep at {path} to resume; run without --resume to start it")
+    trials = len(sweep.procedures) * len(sweep.z) * len(sweep.gamma) * len(sweep.seeds) * len(sweep.datasets)
+    print(f"sweep {sweep.name}: {trials} trials from {experiment}, in {path}", flush=True)
+    run_sweep(sweep, args.storage, args.address)
+    print(f"done; `launch report {path}` writes the table and plots")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from launcher.report import write_report
+
+    path = write_report(args.sweep)
+    print(path.read_text())
+    print(f"written to {path}")
+    return 0
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "data": cmd_data, "bench": cmd_bench, "status": cmd_status,
-            "resume": cmd_resume, "cancel": cmd_cancel, "logs": cmd_logs}
+            "resume": cmd_resume, "cancel": cmd_cancel, "logs": cmd_logs, "tune": cmd_tune, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

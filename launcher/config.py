@@ -37,8 +37,10 @@ class DataConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     num_workers: int = 8
-    # LunarLander only: when > 0 and `root` holds no data set, generate this many frames there.
+    # LunarLander only: when > 0 and `root` holds no data set, generate this many frames there
+    # (with this seed: give the sets of one study different seeds).
     generate_frames: int = 0
+    generate_seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_crop_scale <= 1.0:
@@ -251,6 +253,13 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
         return value
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key)
+    if origin is dict:
+        key_type, value_type = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {coerce(key_type, k, key): coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         item_type = get_args(tp)[0]
         if not isinstance(value, (list, tuple)):

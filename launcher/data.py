@@ -85,7 +85,8 @@ def _lunarlander(cfg: DataConfig, img_size: int) -> BaseDataset:
     if cfg.generate_frames > 0 and not (root / "meta.json").exists():
         size = img_size if img_size >= 64 and (img_size - 64) % 16 == 0 else 64
         log.info("no LunarLander data at %s: generating %d frames of %d px", root, cfg.generate_frames, size)
-        generate_lunarlander(root, cfg.generate_frames, size=size, num_workers=max(1, cfg.num_workers))
+        generate_lunarlander(root, cfg.generate_frames, size=size, num_workers=max(1, cfg.num_workers),
+                             seed=cfg.generate_seed)
     return LunarLanderImages(LunarLanderFrames(root))
 
 

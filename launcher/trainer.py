@@ -109,7 +109,10 @@ class Trainer:
         self.accumulation_steps = train.global_batch_size // per_step
 
         torch.manual_seed(train.seed)  # model initialisation
-        model = build_method(cfg.method)
+        try:
+            model = build_method(cfg.method)
+        except ValueError as e:  # e.g. a loss network whose weights are not on this machine
+            raise ConfigError(f"cannot build method {cfg.method.name!r}: {e}") from None
         with acc.main_process_first():  # rank 0 may have to generate the data set first
             base = build_base_dataset(cfg.data, cfg.method.img_size)
         if len(base) < train.global_batch_size:

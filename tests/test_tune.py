@@ -1,0 +1,113 @@
+"""The Ray Tune sweep: sweep files, and a real 2-trial sweep interrupted and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.errors import ConfigError
+from launcher.tune import TUNE_DIR, load_sweep, trial_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_SWEEP = """
+name: tiny
+procedures: [ae_iipw, ae_iffp]
+z: [8]
+gamma: [0.0]
+seeds: [0]
+cpus_per_trial: 2          # one trial at a time, so the sweep can be stopped between them
+max_failures: 0
+train: {num_epochs: 1, global_batch_size: 32, micro_batch_size: 32, log_every: 1, checkpoint_every: 100}
+predictors: {hidden_sizes: [[], [8]], max_epochs: 5, patience: 2}
+datasets:
+  lunarlander:
+    task: regression
+    targets: [0, 1]
+    on_screen_only: true
+    autoencoder: {name: lunarlander, root: ll-ae, generate_frames: 96, generate_seed: 1, augment: none,
+                  mean: [0, 0, 0], std: [1, 1, 1], num_workers: 0}
+    predictor: {name: lunarlander, root: ll-pred, generate_frames: 200, generate_seed: 2, augment: none,
+                mean: [0, 0, 0], std: [1, 1, 1], num_workers: 0}
+    test: {name: lunarlander, root: ll-test, generate_frames: 100, generate_seed: 3, augment: none,
+           mean: [0, 0, 0], std: [1, 1, 1], num_workers: 0}
+"""
+
+
+@pytest.mark.parametrize("path", sorted(TUNE_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_load(path: Path) -> None:
+    sweep = load_sweep(path)
+    assert len(sweep.procedures) == 6 and len(sweep.seeds) >= 3
+    first = sweep.datasets[next(iter(sweep.datasets))]
+    cfg = trial_experiment(sweep, {"procedure": "ae_iffp", "z": sweep.z[0], "gamma": sweep.gamma[0],
+                                   "seed": 1, "dataset": next(iter(sweep.datasets))})
+    assert cfg.method.name == "ae_iffp" and cfg.train.seed == 1 and cfg.data == first.autoencoder
+    assert cfg.optim.blr * cfg.train.global_batch_size / 256 == pytest.approx(1e-3)  # Adam's lr, as the paper
+
+
+def test_the_full_sweep_is_the_papers_grid() -> None:
+    sweep = load_sweep(TUNE_DIR / "ae_losses.yaml")
+    assert sweep.z == (64, 128) and sweep.gamma == (0.0, 0.01) and sweep.seeds == (0, 1, 2)
+    assert set(sweep.datasets) == {"lunarlander", "stl10", "svhn"}
+
+
+def test_bad_sweeps_fail_clearly(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_SWEEP.replace("[ae_iipw, ae_iffp]", "[ae_iipw, ae_nope]"))
+    with pytest.raises(ConfigError, match=r"unknown procedure\(s\) \['ae_nope'\]; known: ae_iipw"):
+        load_sweep(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text(TINY_SWEEP)
+    with pytest.raises(ConfigError, match="has no data set 'svhn'; it has lunarlander"):
+        load_sweep(good, only_dataset="svhn")
+
+
+def _results(sweep_dir: Path) -> dict[str, str]:
+    return {p.parent.name: p.read_text() for p in sweep_dir.glob("*/result.json") if p.read_text().strip()}
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_reruns_only_its_missing_trials(tmp_path: Path) -> None:
+    (tmp_path / "tiny.yaml").write_text(TINY_SWEEP)
+    command = [sys.executable, "-m", "launcher.cli", "tune", "ae-losses", "--experiment", "tiny.yaml",
+               "--storage", "runs"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    sweep_dir = tmp_path / "runs" / "tiny"
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not _results(sweep_dir) and time.time() < deadline and first.poll() is None:
+            time.sleep(0.5)
+        assert len(_results(sweep_dir)) == 1, "the first trial never finished"
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    done_before = _results(sweep_dir)
+
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "restoring the sweep" in second.stderr
+    results = _results(sweep_dir)
+    assert len(results) == 2 and len(list(sweep_dir.glob("_trainable_*"))) == 2
+    for name, text in done_before.items():
+        assert results[name] == text  # the finished trial was not run again
+    procedures = {json.loads(t.splitlines()[-1])["config"]["procedure"] for t in results.values()}
+    assert procedures == {"ae_iipw", "ae_iffp"}
+
+    report = subprocess.run([sys.executable, "-m", "launcher.cli", "report", str(sweep_dir)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "| I-I-PW |" in report.stdout and "| I-F-FP |" in report.stdout
+    assert (sweep_dir / "report" / "lunarlander_z8_gamma0.0.png").is_file()
