@@ -128,7 +128,73 @@ def bench_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"pretrain": bench_pretrain}
+AE_PROCEDURES = {"ae_iipw": "I-I-PW", "ae_iips": "I-I-PS", "ae_iffp": "I-F-FP",
+                 "ae_fipw": "F-I-PW", "ae_fips": "F-I-PS", "ae_fffp": "F-F-FP"}
+
+
+def bench_ae_losses(args: argparse.Namespace) -> int:
+    """Steps alternating on one synthetic batch, then one real epoch each through the trainer."""
+    import tempfile
+    from pathlib import Path
+
+    from launcher.config import DataConfig, ExperimentConfig, TrainConfig
+    from launcher.runs import read_metrics
+    from launcher.trainer import Trainer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
+    autocast = device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"device: {device.type} ({where}); batch 128, 64 px, z 64, loss network {args.loss_network}\n")
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(128, 3, 64, 64, generator=generator).to(device),
+             "seed": torch.arange(128, device=device)}
+    optim = OptimConfig(blr=2e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup_epochs=0.0)
+    contenders = []
+    for name in AE_PROCEDURES:
+        cfg = get_method(name).config(img_size=64, z=64, loss_network=args.loss_network)
+        model = build_method(cfg).to(device).train()
+        contenders.append(Contender(name, model, build_optimizer(model, optim), 0.0, []))
+    for c in contenders:
+        step(c, batch, device, autocast)  # warm-up
+    for _ in range(args.steps):
+        for c in contenders:
+            synchronize(device)
+            start = time.perf_counter()
+            step(c, batch, device, autocast)
+            synchronize(device)
+            c.times.append(time.perf_counter() - start)
+    step_time = {c.name: statistics.median(c.times) for c in contenders}
+    del contenders
+
+    epoch_time = {}
+    data = DataConfig(name="lunarlander", root=str(args.data), generate_frames=args.frames, augment="none",
+                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_workers=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in AE_PROCEDURES:
+            cfg = ExperimentConfig(
+                method=get_method(name).config(img_size=64, z=64, loss_network=args.loss_network), data=data,
+                optim=optim, train=TrainConfig(num_epochs=1, global_batch_size=128, micro_batch_size=128,
+                                               log_every=1, checkpoint_every=10**6))
+            trainer = Trainer(cfg, Path(tmp) / name)
+            start = time.perf_counter()
+            trainer.fit()
+            epoch_time[name] = time.perf_counter() - start
+            steps = len(read_metrics(Path(tmp) / name))
+    print(f"{'procedure':<10}{'s/step':>9}{'s/epoch':>10}   (epoch: {steps} steps of 128 LunarLander frames)")
+    for name, label in AE_PROCEDURES.items():
+        print(f"{label:<10}{step_time[name]:>9.3f}{epoch_time[name]:>10.2f}")
+    ps = step_time["ae_iffp"] / step_time["ae_iips"]
+    pw = step_time["ae_iffp"] / step_time["ae_iipw"]
+    print(f"\nI-F-FP / I-I-PS time per step: {ps:.3f} (target <= 0.65; reference release 0.72)")
+    print(f"I-F-FP / I-I-PW time per step: {pw:.3f} (target <= 0.95; reference release 1.04)")
+    print(f"per epoch: I-F-FP / I-I-PS {epoch_time['ae_iffp'] / epoch_time['ae_iips']:.3f}, "
+          f"I-F-FP / I-I-PW {epoch_time['ae_iffp'] / epoch_time['ae_iipw']:.3f}")
+    return 0
+
+
+BENCHMARKS = {"pretrain": bench_pretrain, "ae-losses": bench_ae_losses}
 
 
 def run(args: argparse.Namespace) -> int:

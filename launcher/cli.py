@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_pretrain.add_argument("--batch-size", type=int, default=None, help="images per step (default per size)")
     bench_pretrain.add_argument("--steps", type=int, default=3, help="timed steps per method and size")
     bench_pretrain.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    bench_ae = bench_kinds.add_parser("ae-losses", help="the six autoencoder procedures: time per step and epoch")
+    bench_ae.add_argument("--steps", type=int, default=5, help="timed steps per procedure (alternating)")
+    bench_ae.add_argument("--frames", type=int, default=2560, help="LunarLander frames of the timed epoch")
+    bench_ae.add_argument("--data", type=Path, default=Path("data/ll64-bench"),
+                          help="LunarLander set for the epoch timing (generated if missing)")
+    bench_ae.add_argument("--loss-network", default="efficientnet_lite0")
     return parser
 
 
