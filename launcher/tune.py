@@ -77,6 +77,7 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     loss_network: str = "efficientnet_lite0"
     loss_network_weights: str | None = None
+    loss_network_sigmoid: bool = True
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         blr=5e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_epochs=0.0, min_lr=1e-3))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -114,7 +115,8 @@ def trial_experiment(sweep: SweepConfig, trial: dict[str, Any]) -> ExperimentCon
     try:
         method = get_method(trial["procedure"]).config(
             img_size=spec.img_size, z=trial["z"], gamma=trial["gamma"],
-            loss_network=sweep.loss_network, loss_network_weights=sweep.loss_network_weights)
+            loss_network=sweep.loss_network, loss_network_weights=sweep.loss_network_weights,
+            loss_network_sigmoid=sweep.loss_network_sigmoid)
     except ValueError as e:
         raise ConfigError(f"trial {trial}: {e}") from None
     return ExperimentConfig(method=method, data=spec.autoencoder, optim=sweep.optim,
