@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_ae.add_argument("--data", type=Path, default=Path("data/ll64-bench"),
                           help="LunarLander set for the epoch timing (generated if missing)")
     bench_ae.add_argument("--loss-network", default="efficientnet_lite0")
+    bench_slurm = bench_kinds.add_parser("slurm", help="on a SLURM cluster: submit -> first step, "
+                                                       "USR2 -> first step after the resume")
+    bench_slurm.add_argument("--cluster", default="local-test", help="cluster profile (default local-test)")
+    bench_slurm.add_argument("--nodes", type=int, default=2)
+    bench_slurm.add_argument("--repeats", type=int, default=1, help="jobs measured one after the other")
+    bench_slurm.add_argument("--dir", type=Path, default=Path("/var/tmp"),
+                             help="a folder all nodes share, for the images and runs (default /var/tmp)")
     return parser
 
 

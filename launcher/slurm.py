@@ -6,8 +6,11 @@ task per node on CPU partitions). Every task exports the torch.distributed varia
 from SLURM's, then builds the Trainer. A USR2 signal (preemption, or the time limit
 coming) makes every rank stop at the same step boundary and checkpoint; rank 0 then
 requeues the job, which resumes in the same run directory from the newest valid
-checkpoint. ``RUN/launch.json`` records the profile, the job ids, every attempt and the
-last error; ``RUN/slurm/subK/`` holds submitit's files and one log per task.
+checkpoint. A SIGTERM that comes without a USR2 first (``scancel``, a preemption after the
+grace time or without one, an admin's requeue) also checkpoints if SLURM's KillWait allows,
+but does not requeue: SLURM decides whether that job comes back. ``RUN/launch.json``
+records the profile, the job ids, every attempt and the last error; ``RUN/slurm/subK/``
+holds submitit's files and one log per task.
 """
 
 from __future__ import annotations
@@ -190,6 +193,11 @@ def check_partition(res: Resources) -> None:
 # ----------------------------------------------------------------------------- the job
 
 
+def restart_count() -> int:
+    """How many times SLURM has requeued this job (our requeues and its own): the attempt."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
 def master_port(job_id: str, attempt: int) -> int:
     """A rendezvous port unique per job and attempt: nodes may share one network stack, and a
     requeued job must not meet a half-closed store of its previous attempt."""
@@ -208,14 +216,13 @@ class PretrainJob:
     def __init__(self, config: dict[str, Any], run_dir: str, use_gpu: bool, max_requeues: int) -> None:
         self.config, self.run_dir = config, run_dir
         self.use_gpu, self.max_requeues = use_gpu, max_requeues
-        self.signalled = False
 
     def __call__(self) -> dict[str, Any]:
         import submitit
         import torch.distributed as dist
 
         env = submitit.JobEnvironment()
-        attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        attempt = restart_count()
         os.environ["MASTER_PORT"] = str(master_port(env.job_id, attempt))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpu,
                                                               overwrite=True)
@@ -225,20 +232,33 @@ class PretrainJob:
         if rank == 0:
             record_attempt(run_dir, env.job_id, attempt, outcome="running")
         trainer = None
+        stopping: list[str] = []  # the signal that stopped this rank; the first one decides
         try:
             from launcher.trainer import Trainer  # lazily: the submitting process never needs torch
 
             trainer = Trainer(experiment_from_dict(self.config), run_dir)
 
-            def on_usr2(signum: int, frame: Any) -> None:
+            def on_signal(signum: int, frame: Any) -> None:
                 # Every rank gets the signal; the trainer all-reduces the flag, so all ranks
-                # checkpoint at the same step boundary and fit() returns on all of them.
-                log.warning("received %s: checkpointing at the next step boundary, then requeueing",
-                            signal.Signals(signum).name)
-                self.signalled = True
+                # checkpoint at the same step boundary and fit() returns on all of them. The
+                # first signal decides: the SIGTERM that follows a USR2 is SLURM ending this
+                # attempt after our own requeue, or after a preemption's grace time.
+                name = signal.Signals(signum).name
+                if stopping:
+                    log.info("received %s while stopping on %s", name, stopping[0])
+                    return
+                stopping.append(name)
+                if signum == signal.SIGUSR2:
+                    log.warning("received SIGUSR2 (preemption or the time limit coming): checkpointing "
+                                "at the next step boundary, then requeueing")
+                else:
+                    log.warning("received %s without SIGUSR2 first (scancel, or SLURM ending the job "
+                                "itself): checkpointing at the next step boundary if KillWait allows; "
+                                "SLURM decides whether the job comes back", name)
                 trainer.request_stop()
 
-            signal.signal(signal.SIGUSR2, on_usr2)
+            signal.signal(signal.SIGUSR2, on_signal)
+            signal.signal(signal.SIGTERM, on_signal)
             trainer.resume()
             result = trainer.fit()
             trainer.accelerator.wait_for_everyone()
@@ -258,6 +278,13 @@ class PretrainJob:
             return {"step": result.step, "finished": True}
         if rank != 0:
             sys.exit(0)  # rank 0 decides; a non-zero exit here would kill it (--kill-on-bad-exit)
+        # Requeue only after our own USR2: `scontrol requeue` also brings back a job that is
+        # being cancelled.
+        first = stopping[0] if stopping else "a signal to another rank"
+        if first != "SIGUSR2":
+            record_attempt(run_dir, env.job_id, attempt, outcome="terminated", step=result.step)
+            log.info("stopped at step %d after %s; not requeueing", result.step, first)
+            sys.exit(-1)  # no result file: if SLURM requeues the job, it comes back
         if attempt >= self.max_requeues:
             reason = (f"stopped at step {result.step} by a signal after {attempt} requeues; the limit is "
                       f"{self.max_requeues} (--max-requeues). Run `launch resume {run_dir}` to go on.")
@@ -273,8 +300,16 @@ class PretrainJob:
         sys.exit(-1)  # like submitit after a requeue: no result file, the job comes back
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's USR2 handler calls this on rank 0 before ours is installed; it then requeues."""
         import submitit
 
+        job_id, attempt = submitit.JobEnvironment().job_id, restart_count()
+        if attempt >= self.max_requeues:
+            reason = (f"signalled before training started after {attempt} requeues; the limit is "
+                      f"{self.max_requeues} (--max-requeues). Run `launch resume {self.run_dir}` to go on.")
+            record_attempt(Path(self.run_dir), job_id, attempt, outcome="stopped", error=reason)
+            return None  # submitit then ends the job instead of requeueing it
+        record_attempt(Path(self.run_dir), job_id, attempt, outcome="requeued")
         return submitit.helpers.DelayedSubmission(type(self)(self.config, self.run_dir, self.use_gpu,
                                                              self.max_requeues))
 
@@ -301,7 +336,12 @@ def now() -> str:
 
 def record_attempt(run_dir: Path, job_id: str, attempt: int, outcome: str, step: int | None = None,
                    error: str | None = None) -> None:
-    """Add or update the entry of (job, attempt) in RUN/launch.json."""
+    """Add or update the entry of (job, attempt) in RUN/launch.json.
+
+    A new attempt of a job means SLURM requeued it: an earlier attempt still marked running
+    (killed before it could report, e.g. at the end of a preemption's grace time) or
+    terminated (it checkpointed on SIGTERM) is recorded as requeued by SLURM.
+    """
     try:
         record = read_launch(run_dir)
     except (RunDirError, json.JSONDecodeError):
@@ -309,6 +349,10 @@ def record_attempt(run_dir: Path, job_id: str, attempt: int, outcome: str, step:
     attempts = record.setdefault("attempts", [])
     entry = next((a for a in attempts if a["job_id"] == job_id and a["attempt"] == attempt), None)
     if entry is None:
+        for earlier in attempts:
+            if earlier["job_id"] == job_id and earlier["attempt"] < attempt \
+                    and earlier["outcome"] in ("running", "terminated"):
+                earlier.update(outcome="requeued", by="slurm")
         entry = {"job_id": job_id, "attempt": attempt, "started": now()}
         attempts.append(entry)
     entry["outcome"] = outcome

@@ -138,7 +138,8 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.state = TrainState()
         self.saved_step: int | None = None  # step of the newest checkpoint on disk
-        self.stop_requested = False
+        self.stop_requested = False  # set by request_stop(), on this rank only
+        self.stop_agreed = False  # the all-reduced flag: every rank stops at the same step
 
         log.info("method %s: %.1fM trainable parameters; %d processes x %d micro-batch x %d accumulation "
                  "= global batch %d; %d steps/epoch, %d steps; lr %.3g",
@@ -213,9 +214,9 @@ class Trainer:
                             for key, value in record.items():
                                 if key not in ("step", "epoch"):
                                     tensorboard.add_scalar(f"train/{key}", value, self.state.step)
-                    if self.stop_requested or self.state.step % cfg.train.checkpoint_every == 0:
+                    if self.stop_agreed or self.state.step % cfg.train.checkpoint_every == 0:
                         self.save_checkpoint()
-                    if self.stop_requested:
+                    if self.stop_agreed:
                         log.info("stopping at step %d as requested", self.state.step)
                         return FitResult(self.state.step, self.total_steps)
                 if self.state.step_in_epoch == self.steps_per_epoch:
@@ -259,7 +260,9 @@ class Trainer:
                              + [torch.tensor(float(self.stop_requested), device=acc.device)])
         packed = acc.reduce(packed, reduction="mean")
         values = dict(zip(keys, packed[:-1].tolist()))
-        self.stop_requested = bool(packed[-1] > 0)
+        # Decide on the reduced flag only: a signal handler may set stop_requested on this rank
+        # after the reduce, and acting on it would leave the other ranks in the next step.
+        self.stop_agreed = bool(packed[-1] > 0)
         if not math.isfinite(values["loss"]):
             last_good = checkpoint.latest_valid(self.run_dir)
             raise DivergedError(

@@ -132,3 +132,38 @@ def test_dry_run_prints_config_run_dir_and_sbatch_script_and_submits_nothing(sha
     assert "#SBATCH --nodes=2\n" in out and "#SBATCH --time=10\n" in out
     assert f"-m submitit.core._submit {run}/slurm/sub1\n" in out
     assert not run.exists()
+
+
+# ----------------------------------------------------------------------------- attempts in launch.json
+
+
+def test_a_new_attempt_records_the_one_slurm_requeued_itself(shared_tmp: Path) -> None:
+    slurm.write_launch(shared_tmp, {"jobs": [{"job_id": "7"}]})
+    slurm.record_attempt(shared_tmp, "7", 0, outcome="running")
+    slurm.record_attempt(shared_tmp, "7", 1, outcome="running")  # attempt 0 was killed, not reporting
+    slurm.record_attempt(shared_tmp, "7", 1, outcome="terminated", step=12)  # checkpointed on SIGTERM
+    slurm.record_attempt(shared_tmp, "7", 2, outcome="running")
+    slurm.record_attempt(shared_tmp, "7", 2, outcome="requeued", step=20)  # its own requeue after USR2
+    slurm.record_attempt(shared_tmp, "7", 3, outcome="finished", step=32)
+    slurm.record_attempt(shared_tmp, "8", 0, outcome="running")  # another job (`launch resume`)
+    attempts = slurm.read_launch(shared_tmp)["attempts"]
+    assert [(a["job_id"], a["attempt"], a["outcome"], a.get("by"), a.get("step")) for a in attempts] == [
+        ("7", 0, "requeued", "slurm", None), ("7", 1, "requeued", "slurm", 12),
+        ("7", 2, "requeued", None, 20), ("7", 3, "finished", None, 32), ("8", 0, "running", None, None)]
+
+
+def test_a_signal_before_training_requeues_through_submitit_within_the_limit(shared_tmp: Path,
+                                                                            monkeypatch) -> None:
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    slurm.write_launch(shared_tmp, {"jobs": [{"job_id": "7"}]})
+    job = slurm.PretrainJob({"method": {"name": "pcae"}}, str(shared_tmp), use_gpu=False, max_requeues=2)
+    again = job.checkpoint()
+    assert isinstance(again.function, slurm.PretrainJob) and again.function.max_requeues == 2
+    assert slurm.read_launch(shared_tmp)["attempts"][-1]["outcome"] == "requeued"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert job.checkpoint() is None  # submitit then ends the job: the limit is reached
+    record = slurm.read_launch(shared_tmp)
+    assert record["attempts"][-1]["outcome"] == "stopped"
+    assert "after 2 requeues; the limit is 2" in record["last_error"]

@@ -2,7 +2,8 @@
 
 Without the cluster these tests skip, except under CI=true, where they fail: CI starts
 the cluster first (see .ci/run), so a missing cluster there is a broken CI, not a reason
-to skip. Every job is a tiny PCAE on a small image folder, 2 nodes x 1 CPU task.
+to skip. Every job is a tiny PCAE on a small image folder, 2 nodes x 1 CPU task. A requeued
+job waits about 15 s before it restarts (cred_expire=10 plus the scheduler's pass).
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def shared(cluster) -> Iterator[Path]:
     cfg["method"].update(drop_path=0.0, decoder_drop_path=0.0)  # no per-rank randomness
     (path / "pcae.yaml").write_text(yaml.safe_dump(cfg))
     yield path
+    # A cancelled job still checkpoints for a few seconds: wait until every job has left.
+    jobs = [j["job_id"] for record in path.glob(f"*/{slurm.LAUNCH_JSON}")
+            for j in json.loads(record.read_text()).get("jobs", [])]
+    deadline = time.monotonic() + 60
+    while jobs and time.monotonic() < deadline and subprocess.run(
+            ["squeue", "-h", "-j", ",".join(jobs), "-o", "%i"], capture_output=True, text=True).stdout.strip():
+        time.sleep(0.5)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -78,11 +86,33 @@ def losses(run: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run)]
 
 
-def submit(shared: Path, name: str, *extra: str) -> Path:
+def submit(shared: Path, name: str, *extra: str, time: str = "10") -> Path:
     run = shared / name
-    assert main(["pretrain", "pcae", "--cluster", "local-test", "--nodes", "2", "--time", "10",
+    assert main(["pretrain", "pcae", "--cluster", "local-test", "--nodes", "2", "--time", time,
                  "--experiment", str(shared / "pcae.yaml"), "--run-dir", str(run), *extra]) == 0
     return run
+
+
+def job_id(run: Path) -> str:
+    return slurm.read_launch(run)["jobs"][-1]["job_id"]
+
+
+def wait_for_step(run: Path, step: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (read_metrics(run) and read_metrics(run)[-1]["step"] >= step):
+        assert time.monotonic() < deadline, f"no step {step} after {timeout_s} s: {slurm.run_status(run)}"
+        time.sleep(0.2)
+
+
+def wait_for_attempts(run: Path, outcomes: list[str], timeout_s: float) -> list[dict]:
+    """Wait until RUN/launch.json's attempts have these outcomes; return them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        attempts = slurm.read_launch(run).get("attempts", [])
+        if [a["outcome"] for a in attempts] == outcomes:
+            return attempts
+        assert time.monotonic() < deadline, f"attempts {attempts}, not {outcomes}, after {timeout_s} s"
+        time.sleep(0.2)
 
 
 def wait_for(run: Path, states: tuple[str, ...], timeout_s: float) -> dict:
@@ -119,20 +149,78 @@ def test_two_node_job_gives_the_losses_of_one_process(shared: Path, reference_lo
 
 def test_preempted_job_requeues_resumes_and_gives_the_same_losses(shared: Path,
                                                                    reference_losses: list[float]) -> None:
+    # A real preemption: a job of partition `high` needs the nodes of this `debug` job.
     run = submit(shared, "preempted")
-    deadline = time.monotonic() + 90
-    while not (read_metrics(run) and read_metrics(run)[-1]["step"] >= 3):
-        assert time.monotonic() < deadline, slurm.run_status(run)
-        time.sleep(0.2)
-    job_id = slurm.read_launch(run)["jobs"][-1]["job_id"]
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what preemption sends first
-    status = wait_for(run, TERMINAL, 150)
+    wait_for_step(run, 3, 90)
+    victim = job_id(run)
+    nodes = subprocess.run(["squeue", "-h", "-j", victim, "-o", "%N"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    # The high job must need the victim's nodes: with 2 of the 4 nodes free, a plain `-N2` job
+    # starts on the free ones and preempts nothing (the run then finishes with 0 restarts).
+    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-N2", "-w", nodes, "--exclusive",
+                           "-J", "launch-test-preemptor", "-o", "/dev/null", "--wrap", "sleep 5"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        status = wait_for(run, TERMINAL, 150)
+    finally:
+        subprocess.run(["scancel", high], capture_output=True, check=False)
     assert status["state"] == "COMPLETED", status
+    # SLURM sent the --signal (USR2) at once, with preempt_send_user_signal; the job
+    # checkpointed and requeued itself within the partition's GraceTime.
+    assert "received SIGUSR2" in slurm.log_path(run, 0).read_text()
     attempts = slurm.read_launch(run)["attempts"]
     assert [a["outcome"] for a in attempts] == ["requeued", "finished"]
     assert 3 <= attempts[0]["step"] < len(reference_losses)
     assert status["restarts"] == 1
     assert_same_losses(losses(run), reference_losses)
+    rows = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "NodeList,State", "-j", high],
+                          capture_output=True, text=True).stdout.split()
+    assert rows == [f"{nodes}|COMPLETED"], rows  # it ran on the victim's nodes
+
+
+def test_job_requeued_by_slurm_itself_checkpoints_on_sigterm_and_resumes(
+        shared: Path, reference_losses: list[float]) -> None:
+    # What SLURM does at the end of a preemption's grace time (or at once, on a cluster without
+    # one): SIGTERM to every task, SIGKILL after KillWait (5 s here), then the job is pending
+    # again. The job checkpoints on SIGTERM but leaves the requeue to SLURM.
+    run = submit(shared, "requeued-by-slurm")
+    wait_for_step(run, 3, 90)
+    subprocess.run(["scontrol", "requeue", job_id(run)], check=True)
+    status = wait_for(run, TERMINAL, 150)
+    assert status["state"] == "COMPLETED", status
+    assert "received SIGTERM without SIGUSR2 first" in slurm.log_path(run, 0).read_text()
+    attempts = slurm.read_launch(run)["attempts"]
+    assert [(a["attempt"], a["outcome"], a.get("by")) for a in attempts] == [(0, "requeued", "slurm"),
+                                                                            (1, "finished", None)]
+    assert 3 <= attempts[0]["step"] < len(reference_losses)  # it checkpointed before SIGKILL
+    assert status["restarts"] == 1
+    assert_same_losses(losses(run), reference_losses)
+
+
+def test_time_limit_signal_requeues_and_the_job_resumes_with_the_same_losses(shared: Path) -> None:
+    # --time 2 with the profile's signal_delay_s 60: slurmctld checks time limits every 30 s
+    # and sends USR2@60 up to 30 s early, so 30-60 s after the job started. The run is far
+    # longer than 2 min, so the signal always comes while it trains, however fast the machine.
+    # Once the requeued job has logged steps past its checkpoint, the job is cancelled and every
+    # logged loss is compared with the first steps of the same run, uninterrupted.
+    from launcher.trainer import Trainer
+
+    run = submit(shared, "time-limit", "train.num_epochs=500", time="2")
+    attempts = wait_for_attempts(run, ["requeued"], 120)
+    stopped_at = attempts[0].get("step", 0)  # none if the signal came before training started
+    assert "received SIGUSR2" in slurm.log_path(run, 0).read_text() or not stopped_at
+    compare = stopped_at + 3
+    # The reference, in this process, while the requeued job waits to restart.
+    cfg = yaml.safe_load((shared / "pcae.yaml").read_text())
+    cfg["train"]["num_epochs"] = 500
+    reference = Trainer(experiment_from_dict(cfg), shared / "time-limit-reference").fit(until_step=compare)
+    assert reference.step == compare
+    wait_for_step(run, compare, 120)
+    assert main(["cancel", str(run)]) == 0
+    wait_for(run, TERMINAL, 60)
+    attempts = slurm.read_launch(run)["attempts"]
+    assert (attempts[0]["outcome"], attempts[0].get("by"), attempts[1]["attempt"]) == ("requeued", None, 1)
+    assert_same_losses(losses(run)[:compare], losses(shared / "time-limit-reference"))
 
 
 def test_cancel_is_reported_as_cancelled(shared: Path, capsys) -> None:

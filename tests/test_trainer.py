@@ -83,3 +83,12 @@ def test_the_optimizer_skips_frozen_parameters_and_decays_only_matrices(image_fo
     for group in trainer.optimizer.param_groups:
         if group["weight_decay"] > 0:
             assert all(p.ndim > 1 for p in group["params"])
+
+
+def test_a_stop_request_checkpoints_at_the_next_step_boundary(image_folder: Path, tmp_path: Path) -> None:
+    cfg = experiment_from_dict(tiny_experiment("mae", image_folder))
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.request_stop()  # as a signal handler would, before the step's all-reduce
+    result = trainer.fit()
+    assert (result.step, result.finished) == (1, False)
+    assert checkpoint.latest_valid(tmp_path / "run") == checkpoint.checkpoint_path(tmp_path / "run", 1)
