@@ -91,6 +91,21 @@ def step(c: Contender, batch: dict[str, torch.Tensor], device: torch.device, aut
         c.model.on_step_end(1, 1000)
 
 
+def time_alternating(contenders: list[Contender], batch: dict[str, torch.Tensor], device: torch.device,
+                     autocast: bool, warmup: int, steps: int) -> None:
+    """Untimed warm-up steps, then timed steps taking turns, so drifts in clock speed hit all alike."""
+    for _ in range(warmup):
+        for c in contenders:
+            step(c, batch, device, autocast)
+    for _ in range(steps):
+        for c in contenders:
+            synchronize(device)
+            start = time.perf_counter()
+            step(c, batch, device, autocast)
+            synchronize(device)
+            c.times.append(time.perf_counter() - start)
+
+
 def bench_pretrain(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -111,16 +126,7 @@ def bench_pretrain(args: argparse.Namespace) -> int:
         batch = {"image": torch.randn(batch_size, 3, 224, 224, generator=generator).to(device),
                  "seed": torch.arange(batch_size, device=device)}
         contenders = [make_contender(m, size, batch, device, autocast) for m in ("mae", "pcae")]
-        for _ in range(args.warmup):
-            for c in contenders:
-                step(c, batch, device, autocast)
-        for _ in range(args.steps):  # alternate, so drifts in clock speed hit both alike
-            for c in contenders:
-                synchronize(device)
-                start = time.perf_counter()
-                step(c, batch, device, autocast)
-                synchronize(device)
-                c.times.append(time.perf_counter() - start)
+        time_alternating(contenders, batch, device, autocast, args.warmup, args.steps)
         speed = {}
         for c in contenders:
             seconds = statistics.median(c.times)
@@ -165,15 +171,7 @@ def bench_ae_losses(args: argparse.Namespace) -> int:
         cfg = get_method(name).config(img_size=64, z=64, loss_network=args.loss_network)
         model = build_method(cfg).to(device).train()
         contenders.append(Contender(name, model, build_optimizer(model, optim), 0.0, []))
-    for c in contenders:
-        step(c, batch, device, autocast)  # warm-up
-    for _ in range(args.steps):
-        for c in contenders:
-            synchronize(device)
-            start = time.perf_counter()
-            step(c, batch, device, autocast)
-            synchronize(device)
-            c.times.append(time.perf_counter() - start)
+    time_alternating(contenders, batch, device, autocast, warmup=1, steps=args.steps)
     step_time = {c.name: statistics.median(c.times) for c in contenders}
     del contenders
 
