@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from methods.loss_networks import LossNetwork, build_loss_network, check_loss_network_name
 from methods.registry import MethodConfig, register_method
+from methods.seeding import per_sample_noise
 
 
 @dataclass(frozen=True)
@@ -214,12 +215,7 @@ class ImageDecoder(nn.Module):
 
 def normal_from_seeds(seeds: Tensor, n: int, device: torch.device | str) -> Tensor:
     """Standard normal noise ``[B, n]`` where row ``i`` depends only on ``seeds[i]``."""
-    generator = torch.Generator()
-    rows = []
-    for seed in seeds.tolist():
-        generator.manual_seed(int(seed))
-        rows.append(torch.randn(n, generator=generator))
-    return torch.stack(rows).to(device, non_blocking=True)
+    return per_sample_noise(seeds, n, device, "normal")
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:

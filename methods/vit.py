@@ -18,6 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from methods.registry import MethodConfig
+from methods.seeding import per_sample_noise
 
 ViTSizeName = Literal["micro", "tiny", "small", "base", "large", "huge"]
 
@@ -83,17 +84,8 @@ def random_masking(num_patches: int, mask_ratio: float, noise: Tensor) -> Maskin
 
 
 def noise_from_seeds(seeds: Tensor, n: int, device: torch.device | str) -> Tensor:
-    """Uniform noise ``[B, n]`` where row ``i`` depends only on ``seeds[i]``.
-
-    Masks then do not depend on how a batch is split across processes, and a resumed run
-    draws the same masks as an uninterrupted one.
-    """
-    generator = torch.Generator()
-    rows = []
-    for seed in seeds.tolist():
-        generator.manual_seed(int(seed))
-        rows.append(torch.rand(n, generator=generator))
-    return torch.stack(rows).to(device, non_blocking=True)
+    """Uniform masking noise ``[B, n]`` where row ``i`` depends only on ``seeds[i]``."""
+    return per_sample_noise(seeds, n, device, "uniform")
 
 
 def batch_noise(batch: dict[str, Tensor], n: int) -> Tensor:
