@@ -62,3 +62,11 @@ def test_dry_run_prints_the_config_and_writes_nothing(tmp_path: Path, capsys) ->
     out = capsys.readouterr().out
     assert "name: pcae" in out and f"# run directory: {tmp_path / 'run'}" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_pretrain_prints_speeds_flops_and_ratios(capsys) -> None:
+    assert main(["bench", "pretrain", "--sizes", "micro", "--batch-size", "4", "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 matmul peak" in out or "bf16 matmul peak" in out
+    assert "micro      4  mae" in out and "micro      4  pcae" in out
+    assert "PCAE/MAE speed: measured" in out and "FLOP ratio" in out
