@@ -188,7 +188,7 @@ def bench_ae_losses(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             trainer.fit()
             epoch_time[name] = time.perf_counter() - start
-            steps = len(read_metrics(Path(tmp) / name))
+        steps = len(read_metrics(Path(tmp) / name))  # the same epoch length for every procedure
     print(f"{'procedure':<10}{'s/step':>9}{'s/epoch':>10}   (epoch: {steps} steps of 128 LunarLander frames)")
     for name, label in AE_PROCEDURES.items():
         print(f"{label:<10}{step_time[name]:>9.3f}{epoch_time[name]:>10.2f}")
