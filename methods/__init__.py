@@ -11,7 +11,7 @@ from methods.registry import (
     method_names,
     register_method,
 )
-from methods import autoencoders, mae, pcae  # noqa: F401  (registers the methods)
+from methods import autoencoders, classifier, mae, pcae  # noqa: F401  (registers the methods)
 
 __all__ = [
     "MethodConfig",

@@ -27,6 +27,7 @@ from methods.token_reduction import (
     DROP_MODES,
     DropMode,
     TokenReducer,
+    check_drop_positions,
     default_drop_positions,
     reduced_token_counts,
 )
@@ -65,7 +66,7 @@ class PCAEConfig(MaskedViTConfig):
             )
         if self.drop_positions is not None:
             self.drop_positions = tuple(self.drop_positions)
-            self._check_drop_positions(depth)
+            check_drop_positions(self.drop_positions, self.num_drop_stages, depth)
         if self.drop_mode not in DROP_MODES:
             raise ValueError(f"unknown drop_mode {self.drop_mode!r}; known modes: {', '.join(DROP_MODES)}")
         for key in ("momentum", "momentum_final"):
@@ -78,25 +79,6 @@ class PCAEConfig(MaskedViTConfig):
                 f"token reduction leaves no target tokens ({' -> '.join(map(str, counts))}); "
                 "raise keep_ratio, lower mask_ratio or use fewer drop stages"
             )
-
-    def _check_drop_positions(self, depth: int) -> None:
-        positions = self.drop_positions
-        assert positions is not None
-        if len(positions) != self.num_drop_stages:
-            raise ValueError(
-                f"drop_positions {list(positions)} has {len(positions)} entries but num_drop_stages is "
-                f"{self.num_drop_stages}; set num_drop_stages to {len(positions)} or leave drop_positions unset"
-            )
-        out_of_range = [i for i in positions if not 0 <= i < depth]
-        if out_of_range:
-            raise ValueError(
-                f"drop_positions {out_of_range} are out of range; blocks are numbered 0 to {depth - 1} "
-                f"for size {self.size!r}"
-            )
-        if len(set(positions)) != len(positions):
-            raise ValueError(f"drop_positions {list(positions)} has duplicates; list each block once")
-        if list(positions) != sorted(positions):
-            raise ValueError(f"drop_positions {list(positions)} must be in increasing order")
 
     @property
     def resolved_drop_positions(self) -> tuple[int, ...]:

@@ -8,8 +8,11 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-from typing import Literal
+import random
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,3 +27,20 @@ def per_sample_noise(seeds: Tensor, n: int, device: torch.device | str,
         generator.manual_seed(int(seed))
         rows.append(draw(n, generator=generator))
     return torch.stack(rows).to(device, non_blocking=True)
+
+
+@contextmanager
+def seeded_host_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's ``random`` and NumPy's global RNG for a block, then restore both.
+
+    For library code that draws from those globals (timm's RandAugment, random erasing and
+    Mixup), so its draws become a function of ``seed`` without disturbing anyone else's stream.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

@@ -2,7 +2,7 @@
 
 After chosen blocks a ``TokenReducer`` keeps a fixed fraction of the tokens and discards the
 rest outright (a gather; nothing is merged). Used by the PCAE teacher during pre-training and
-meant for a fine-tuning backbone as well.
+by the fine-tuning backbone (``methods/classifier.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,22 @@ DROP_MODES: tuple[str, ...] = ("similarity", "random")
 def default_drop_positions(depth: int, num_stages: int) -> tuple[int, ...]:
     """Evenly spaced blocks to reduce after: ``i * depth // num_stages`` (ViT-B, 3 stages: 0, 4, 8)."""
     return tuple(i * depth // num_stages for i in range(num_stages))
+
+
+def check_drop_positions(positions: tuple[int, ...], num_stages: int, depth: int) -> None:
+    """Raise ``ValueError`` unless ``positions`` are ``num_stages`` increasing block indices below ``depth``."""
+    if len(positions) != num_stages:
+        raise ValueError(
+            f"drop_positions {list(positions)} has {len(positions)} entries but num_drop_stages is "
+            f"{num_stages}; set num_drop_stages to {len(positions)} or leave drop_positions unset"
+        )
+    out_of_range = [i for i in positions if not 0 <= i < depth]
+    if out_of_range:
+        raise ValueError(f"drop_positions {out_of_range} are out of range; blocks are numbered 0 to {depth - 1}")
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"drop_positions {list(positions)} has duplicates; list each block once")
+    if list(positions) != sorted(positions):
+        raise ValueError(f"drop_positions {list(positions)} must be in increasing order")
 
 
 def reduced_token_counts(num_tokens: int, keep_ratio: float, num_stages: int) -> tuple[int, ...]:

@@ -197,13 +197,13 @@ class ViTEncoder(nn.Module):
         """``[B, n, D]`` -> ``[B, 1 + n, D]`` with the cls token first (its position embedding is zero)."""
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
-    def forward_tokens(self, x: Tensor, hook: BlockHook | None = None) -> Tensor:
-        """Run every block, then the final norm, on an arbitrary token set ``[B, n, D]``."""
+    def forward_tokens(self, x: Tensor, hook: BlockHook | None = None, norm: bool = True) -> Tensor:
+        """Run every block, then the final norm (unless ``norm=False``), on a token set ``[B, n, D]``."""
         for i, block in enumerate(self.blocks):
             x = block(x)
             if hook is not None:
                 x = hook(i, x)
-        return self.norm(x)
+        return self.norm(x) if norm else x
 
     def forward(self, images: Tensor, ids_keep: Tensor | None = None) -> Tensor:
         """Normalised tokens ``[B, 1 + n, D]`` (cls first) for all patches or only ``ids_keep``."""
