@@ -32,8 +32,14 @@ class DataConfig:
     name: Literal["imagefolder", "lunarlander", "stl10", "svhn"] = "imagefolder"
     root: str = ""  # checked when the data set is opened, so experiments can leave it to the CLI
     split: str = "train"  # stl10: train/test/unlabeled; svhn: train/test/extra; others: unused
-    augment: Literal["mae", "flip", "none"] = "mae"
+    # mae: random resized crop + flip (pretraining); randaug: MAE's fine-tuning augmentation
+    # (timm's random resized crop, flip, RandAugment `rand_augment`, random erasing `reprob`).
+    augment: Literal["mae", "randaug", "flip", "none"] = "mae"
     min_crop_scale: float = 0.2
+    rand_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    # Evaluation: resize to img_size / eval_crop_pct, then centre-crop img_size (ImageNet: 0.875).
+    eval_crop_pct: float = 1.0
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     num_workers: int = 8
@@ -47,20 +53,25 @@ class DataConfig:
             raise ValueError(f"data.min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise ValueError("data.mean and data.std need one value per channel, std > 0")
+        if not 0.0 < self.eval_crop_pct <= 1.0 or not 0.0 <= self.reprob <= 1.0:
+            raise ValueError("data.eval_crop_pct must be in (0, 1] and data.reprob in [0, 1]")
         if self.num_workers < 0 or self.generate_frames < 0:
             raise ValueError("data.num_workers and data.generate_frames must be >= 0")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with a per-step linear warmup and half-cosine decay."""
+    """AdamW (or LARS) with a per-step linear warmup and half-cosine decay."""
 
+    name: Literal["adamw", "lars"] = "adamw"  # lars: MAE's linear probe (momentum, trust 0.001)
     blr: float = 1.5e-4  # lr = blr * global_batch_size / 256
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, ...] = (0.9, 0.95)
     warmup_epochs: float = 40.0
     clip_grad: float | None = None
+    layer_decay: float | None = None  # layer-wise lr decay (MAE fine-tuning: 0.65); needs a ViT method
+    momentum: float = 0.9  # lars only
 
     def __post_init__(self) -> None:
         if self.blr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
@@ -71,6 +82,10 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError("optim.clip_grad must be > 0, or null to turn clipping off")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay must be in (0, 1], or null, got {self.layer_decay}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
 
 
 @dataclass
@@ -109,12 +124,34 @@ class ProbeConfig:
     # Average the patch tokens over a grid x grid layout of cells and concatenate them, which
     # keeps where things are (a global mean forgets it); 0 uses the method's own embed().
     grid: int = 2
+    # A linprobe experiment (path from the repository root) run on the pretrained encoder after
+    # pretraining, as `launch linprobe RUN --experiment ...` would; "" for none.
+    linprobe: str = ""
 
     def __post_init__(self) -> None:
         if not self.targets or self.num_samples <= 0 or not 0.0 < self.test_fraction < 1.0:
             raise ValueError("probe needs targets, num_samples > 0 and test_fraction in (0, 1)")
         if self.grid < 0:
             raise ValueError(f"probe.grid must be >= 0, got {self.grid}")
+        if self.linprobe and not (REPO_ROOT / self.linprobe).is_file():
+            raise ValueError(f"probe.linprobe {self.linprobe} is not an experiment file under {REPO_ROOT}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a fine-tuned or probed model on a held-out set, at the end of training.
+
+    ``data`` holds only the keys that differ from the experiment's ``data`` section (e.g.
+    ``split: test`` or another ``root``); unset, there is no evaluation.
+    """
+
+    data: DataConfig | None = None
+    every_epochs: int = 0  # also evaluate every this many epochs; 0: only at the end
+    batch_size: int = 256  # per process
+
+    def __post_init__(self) -> None:
+        if self.every_epochs < 0 or self.batch_size <= 0:
+            raise ValueError("eval.every_epochs must be >= 0 and eval.batch_size > 0")
 
 
 @dataclass
@@ -124,6 +161,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -155,7 +193,7 @@ def load_experiment(
 
 def experiment_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(raw, dict):
-        raise ConfigError("an experiment must be a mapping of sections (method, data, optim, train, probe)")
+        raise ConfigError("an experiment must be a mapping of sections (method, data, optim, train, probe, eval)")
     raw = dict(raw)
     method_raw = dict(raw.pop("method", {}) or {})
     name = method_raw.get("name")
@@ -172,6 +210,10 @@ def experiment_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(
             f"unknown section(s) {sorted(unknown)}; allowed: method, {', '.join(sections)}"
         )
+    evaluation = raw.get("eval")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("data"), dict):
+        # eval.data lists what differs from data: the rest is inherited.
+        raw["eval"] = {**evaluation, "data": {**(raw.get("data") or {}), **evaluation["data"]}}
     hints = get_type_hints(ExperimentConfig)
     built = {key: build_dataclass(hints[key], raw.get(key) or {}, key) for key in sections}
     return ExperimentConfig(method=method_cfg, **built)

@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 
 from launcher.config import DataConfig
 from launcher.errors import DataError
+from methods.seeding import seeded_host_rngs
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,20 @@ class LunarLanderImages(Dataset):
 # ----------------------------------------------------------------------------- transforms
 
 
-def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> v2.Compose:
-    """MAE's pretraining augmentation (random resized crop 0.2-1, bicubic, flip) or a plain resize."""
+def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> Callable:
+    """The augmentation ``cfg.augment`` names for training; resize + centre crop for evaluation.
+
+    ``mae``: random resized crop (``min_crop_scale`` to 1, bicubic) + flip, MAE's pretraining;
+    ``randaug``: timm's fine-tuning pipeline as MAE calls it (random resized crop, flip,
+    RandAugment, random erasing); ``flip``/``none``: resize and centre crop, with or without flip.
+    """
     augment = cfg.augment if train else "none"
+    if augment == "randaug":
+        from timm.data import create_transform
+
+        return create_transform(img_size, is_training=True, scale=(cfg.min_crop_scale, 1.0), color_jitter=None,
+                                auto_augment=cfg.rand_augment, interpolation="bicubic", re_prob=cfg.reprob,
+                                re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std))
     if augment == "mae":
         geometry = [
             v2.RandomResizedCrop(img_size, scale=(cfg.min_crop_scale, 1.0),
@@ -180,8 +192,9 @@ def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> v2.Co
             v2.RandomHorizontalFlip(),
         ]
     else:
+        resize = img_size if train else int(img_size / cfg.eval_crop_pct)
         geometry = [
-            v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(img_size),
         ]
         if augment == "flip":
@@ -213,8 +226,9 @@ class SeededDataset(Dataset):
         index, epoch = key
         augment_seed, model_seed = sample_seeds(self.seed, epoch, index)
         image, label = self.base[index]
-        # fork_rng keeps the caller's (or the worker's) global RNG untouched.
-        with torch.random.fork_rng(devices=[]):
+        # Seed every RNG an augmentation may draw from (timm's also use Python's and NumPy's),
+        # and restore them after, so the caller's (or the worker's) streams stay untouched.
+        with torch.random.fork_rng(devices=[]), seeded_host_rngs(augment_seed):
             torch.manual_seed(augment_seed)
             image = self.transform(image)
         return {"image": image, "label": label, "seed": model_seed, "index": index}

@@ -1,7 +1,7 @@
 """Run directories: the resolved config, logs and metrics of one run.
 
 ``RUN/config.yaml`` is the resolved experiment; ``RUN/metrics.jsonl`` one JSON line per
-logged step; ``RUN/tb/`` TensorBoard events; ``RUN/logs/rank_K.log`` every rank's log;
+logged step; ``RUN/eval.json`` the newest evaluation (``RUN/eval.jsonl`` all of them); ``RUN/tb/`` TensorBoard events; ``RUN/logs/rank_K.log`` every rank's log;
 ``RUN/checkpoints/`` see ``checkpoint.py``. A run directory belongs to one config:
 starting the same config in it again resumes; a different config is refused.
 """
@@ -23,6 +23,8 @@ from launcher.errors import RunDirError
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+EVAL = "eval.json"
+EVAL_HISTORY = "eval.jsonl"
 
 
 def default_run_dir(command: str, experiment: str) -> Path:
@@ -116,3 +118,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_eval(run_dir: Path, record: dict[str, Any]) -> None:
+    """Record an evaluation: ``eval.json`` (replaced atomically) and a line of ``eval.jsonl``."""
+    tmp = run_dir / f".{EVAL}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, run_dir / EVAL)
+    with open(run_dir / EVAL_HISTORY, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_eval(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / EVAL
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def last_evaluated_step(run_dir: Path) -> int | None:
+    record = read_eval(run_dir)
+    return None if record is None else record["step"]

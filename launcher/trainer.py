@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from timm.optim import param_groups_weight_decay
+from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 from launcher import checkpoint
 from launcher.config import ExperimentConfig, OptimConfig
 from launcher.cpu_allocator import keep_freed_memory
 from launcher.data import ResumableSampler, SeededDataset, build_base_dataset, build_loader, build_transform
-from launcher.errors import ConfigError, UserError
-from launcher.runs import MetricsLog, setup_logging, write_config
+from launcher.errors import ConfigError, DataError, UserError
+from launcher.evaluate import build_eval_loader, evaluate
+from launcher.runs import MetricsLog, last_evaluated_step, setup_logging, write_config, write_eval
 from methods import build_method
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,25 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms and other 1-D parameters; frozen parts left out."""
+    """AdamW or LARS; no weight decay on biases, norms and other 1-D parameters; frozen parts left out.
+
+    With ``layer_decay`` every group gets an ``lr_scale`` (timm's layer-wise decay, by the
+    method's ``group_matcher``). LARS adapts the step of matrices only, as MAE's does.
+    """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    if cfg.layer_decay is not None:
+        if not hasattr(model, "group_matcher"):
+            raise ConfigError("optim.layer_decay needs a method with numbered layers (finetune, linprobe); "
+                              "set optim.layer_decay=null for this one")
+        groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    if cfg.name == "lars":  # split every group into matrices (adapted) and the rest (plain momentum SGD)
+        groups = [{**group, "params": params, "always_adapt": matrices}
+                  for group in groups for matrices in (True, False)
+                  if (params := [p for p in group["params"] if (p.ndim > 1) == matrices])]
+        return Lars(groups, lr=0.0, momentum=cfg.momentum, trust_coeff=0.001)
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas))
 
 
@@ -113,8 +130,18 @@ class Trainer:
             model = build_method(cfg.method)
         except ValueError as e:  # e.g. a loss network whose weights are not on this machine
             raise ConfigError(f"cannot build method {cfg.method.name!r}: {e}") from None
-        with acc.main_process_first():  # rank 0 may have to generate the data set first
+        with acc.main_process_first():  # rank 0 may have to generate the data sets first
             base = build_base_dataset(cfg.data, cfg.method.img_size)
+            self.eval_loader = None
+            if cfg.eval.data is not None:
+                if not hasattr(model, "predict"):
+                    raise ConfigError(f"method {cfg.method.name!r} has no predictions to evaluate; "
+                                      f"remove the eval section")
+                try:
+                    self.eval_loader = build_eval_loader(cfg.eval.data, cfg.method.img_size, cfg.eval.batch_size,
+                                                         acc.process_index, acc.num_processes)
+                except DataError as e:
+                    raise DataError(f"evaluation set (eval.data, the keys that differ from data): {e}") from None
         if len(base) < train.global_batch_size:
             raise ConfigError(
                 f"the data set has {len(base)} samples, fewer than one global batch "
@@ -179,6 +206,24 @@ class Trainer:
         self.saved_step = step
         return final
 
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate on ``eval.data`` (each process takes its share); rank 0 writes ``eval.json``."""
+        acc = self.accelerator
+        if self.eval_loader is None:
+            raise ConfigError("there is no evaluation set: set eval.data to the keys that differ from data "
+                              "(e.g. eval.data.split=test, or eval.data.root=/data/imagenet/val)")
+        start = time.perf_counter()
+        metrics = evaluate(acc.unwrap_model(self.model), self.eval_loader, acc.device,
+                           lambda sums: acc.reduce(sums, reduction="sum"))
+        record = {"step": self.state.step, "epoch": self.state.epoch, **metrics,
+                  "seconds": round(time.perf_counter() - start, 3)}
+        if acc.is_main_process:
+            write_eval(self.run_dir, record)
+        log.info("evaluation at step %d: %s", self.state.step,
+                 ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        acc.wait_for_everyone()
+        return record
+
     def request_stop(self) -> None:
         """Ask the loop to checkpoint and return at the next step boundary (signal-safe)."""
         self.stop_requested = True
@@ -222,8 +267,14 @@ class Trainer:
                 if self.state.step_in_epoch == self.steps_per_epoch:
                     self.state.epoch += 1
                     self.state.step_in_epoch = 0
+                    every = cfg.eval.every_epochs
+                    if every and self.state.epoch % every == 0 and self.state.step < self.total_steps:
+                        self.evaluate()
             if self.saved_step != self.state.step:
                 self.save_checkpoint()
+            if self.state.step == self.total_steps and self.eval_loader is not None:
+                if last_evaluated_step(self.run_dir) != self.state.step:
+                    self.evaluate()
             return FitResult(self.state.step, self.total_steps)
         finally:
             if acc.is_main_process:

@@ -21,7 +21,24 @@ def test_experiments_exist() -> None:
 def test_every_experiment_loads_and_validates(path: Path) -> None:
     cfg = load_experiment(path)
     assert isinstance(cfg, ExperimentConfig)
-    assert cfg.method.name in path.stem
+    assert cfg.method.name in (path.stem, path.parent.name) or cfg.method.name in path.stem
+
+
+def test_finetune_and_linprobe_recipes_are_maes() -> None:
+    cfg = load_experiment(EXPERIMENTS_DIR / "finetune" / "vit_base.yaml")
+    method, optim, data = cfg.method, cfg.optim, cfg.data
+    assert (method.drop_path, method.mixup, method.cutmix, method.label_smoothing, method.pool) == (0.1, 0.8, 1.0,
+                                                                                                  0.1, "avg")
+    assert (optim.name, optim.blr, optim.layer_decay, optim.weight_decay, optim.warmup_epochs) == ("adamw", 5e-4,
+                                                                                                   0.65, 0.05, 5)
+    assert (data.augment, data.rand_augment, data.reprob) == ("randaug", "rand-m9-mstd0.5-inc1", 0.25)
+    assert (cfg.train.num_epochs, cfg.train.global_batch_size) == (100, 1024)
+    cfg = load_experiment(EXPERIMENTS_DIR / "linprobe" / "vit_base.yaml")
+    method, optim = cfg.method, cfg.optim
+    assert (method.pool, method.freeze_encoder, method.head_batchnorm, method.head_init_std) == ("cls", True, True,
+                                                                                                0.01)
+    assert (optim.name, optim.blr, optim.weight_decay, optim.warmup_epochs) == ("lars", 0.1, 0.0, 10)
+    assert (cfg.train.num_epochs, cfg.train.global_batch_size) == (90, 16384)
 
 
 def test_vit_base_recipes_are_the_papers() -> None:

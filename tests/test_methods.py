@@ -12,7 +12,8 @@ from methods import MethodConfig, build_method, get_method, method_names
 def make_batch(cfg: MethodConfig, batch_size: int = 2) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=generator)
-    return {"image": images, "seed": torch.arange(batch_size, dtype=torch.int64) + 100}
+    labels = torch.arange(batch_size) % 2  # class labels, for the classifiers
+    return {"image": images, "label": labels, "seed": torch.arange(batch_size, dtype=torch.int64) + 100}
 
 
 def build_tiny(name: str) -> tuple[nn.Module, MethodConfig]:

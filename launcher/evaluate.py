@@ -1,0 +1,70 @@
+"""Evaluation of a classifier or regressor on a held-out set, sharded over the processes.
+
+A method that can be evaluated has ``cfg.task`` (``"classification"`` or ``"regression"``),
+``predict(images)`` and, for regression, ``targets_of(labels)``. Each process evaluates every
+``world_size``-th sample; the sums are all-reduced, so the metrics are those of the whole set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from launcher.config import DataConfig
+from launcher.data import SeededDataset, build_base_dataset, build_transform, collate
+
+
+def build_eval_loader(data: DataConfig, img_size: int, batch_size: int, rank: int, world_size: int) -> DataLoader:
+    base = build_base_dataset(data, img_size)
+    dataset = SeededDataset(base, build_transform(data, img_size, train=False), seed=0)
+    keys = [(index, 0) for index in range(rank, len(base), world_size)]
+    return DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=data.num_workers,
+                      collate_fn=collate, persistent_workers=False)
+
+
+@torch.no_grad()
+def evaluate(method: nn.Module, loader: DataLoader, device: torch.device, all_reduce_sum) -> dict[str, float]:
+    """Top-1/top-5 accuracy and cross-entropy, or MSE and R² per target; ``all_reduce_sum`` sums over ranks."""
+    task = method.cfg.task
+    was_training = method.training
+    method.eval()
+    sums: torch.Tensor | None = None
+    try:
+        for batch in loader:
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            outputs = method.predict(images).double()
+            if task == "classification":
+                top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
+                hits = top5 == labels.unsqueeze(1)
+                part = torch.stack([
+                    torch.tensor(float(len(labels)), device=device, dtype=torch.float64),
+                    F.cross_entropy(outputs, labels, reduction="sum"),
+                    hits[:, 0].sum().double(),
+                    hits.any(dim=1).sum().double(),
+                ])
+            else:
+                y = method.targets_of(labels).double()
+                part = torch.cat([
+                    torch.tensor([float(len(y))], device=device, dtype=torch.float64),
+                    ((outputs - y) ** 2).sum(0), y.sum(0), (y**2).sum(0),
+                ])
+            sums = part if sums is None else sums + part
+    finally:
+        method.train(was_training)
+    if sums is None:
+        raise ValueError("the evaluation set is empty")
+    sums = all_reduce_sum(sums).cpu()
+    n = float(sums[0])
+    if task == "classification":
+        return {"samples": n, "loss": float(sums[1]) / n, "acc1": 100 * float(sums[2]) / n,
+                "acc5": 100 * float(sums[3]) / n}
+    k = (len(sums) - 1) // 3
+    sse, total, squares = sums[1:1 + k], sums[1 + k:1 + 2 * k], sums[1 + 2 * k:]
+    sst = squares - total**2 / n
+    r2 = [1.0 - float(e) / float(t) if t > 0 else math.nan for e, t in zip(sse, sst)]
+    return {"samples": n, "mse": float(sse.sum()) / (n * k), "r2": sum(r2) / k,
+            **{f"r2_{column}": value for column, value in zip(method.cfg.targets, r2)}}
