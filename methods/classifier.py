@@ -54,8 +54,8 @@ class ClassifierConfig(MethodConfig):
     ``pretrained`` is a checkpoint (a file or a checkpoint directory of a run; ``launch
     finetune`` fills it in), ``pretrained_encoder`` picks PCAE's student or EMA teacher.
     Pooling: ``avg`` (patch-token mean + LayerNorm), ``cls`` (the normalised cls token), or
-    ``grid`` (patch-token means over ``pool_grid`` x ``pool_grid`` cells, concatenated, which
-    keeps where things are, e.g. for LunarLander's position).
+    ``grid`` (normalised patch tokens averaged over ``pool_grid`` x ``pool_grid`` cells,
+    concatenated, which keeps where things are, e.g. for LunarLander's position).
     """
 
     name: str = "finetune"
@@ -65,6 +65,10 @@ class ClassifierConfig(MethodConfig):
     task: Literal["classification", "regression"] = "classification"
     num_classes: int = 1000
     targets: tuple[int, ...] = ()  # regression: the label columns to predict
+    # Regression: the head predicts (label - target_mean) / target_std, so a short run need not
+    # first walk its bias to the targets' mean; empty means 0 and 1. predict() undoes it.
+    target_mean: tuple[float, ...] = ()
+    target_std: tuple[float, ...] = ()
     pool: Pooling = "avg"
     pool_grid: int = 2
     drop_path: float = 0.1
@@ -93,6 +97,11 @@ class ClassifierConfig(MethodConfig):
                 raise ValueError("a regression head needs targets: the label columns to predict, e.g. [0, 1]")
             if self.mixup > 0 or self.cutmix > 0 or self.label_smoothing > 0:
                 raise ValueError("mixup, cutmix and label_smoothing mix class labels; set them to 0 for regression")
+            for key in ("target_mean", "target_std"):
+                if getattr(self, key) and len(getattr(self, key)) != len(self.targets):
+                    raise ValueError(f"{key} needs one value per target column ({len(self.targets)}), or none")
+            if any(s <= 0 for s in self.target_std):
+                raise ValueError("target_std values must be > 0")
         if self.pool_grid < 1 or self.num_patches_side % self.pool_grid:
             raise ValueError(
                 f"pool_grid {self.pool_grid} must divide the {self.num_patches_side} patches per side"
@@ -190,9 +199,9 @@ class ViTClassifier(nn.Module):
         self.pos_embed = nn.Parameter(self.encoder.pos_embed.detach().clone().unsqueeze(0))
         self.drop_positions = frozenset(cfg.resolved_drop_positions)
         self.reducer = TokenReducer(cfg.keep_ratio, cfg.drop_mode, num_prefix_tokens=self.encoder.num_prefix_tokens)
-        if cfg.pool != "cls":  # pooled patch tokens go through fc_norm instead of the final norm (MAE)
+        if cfg.pool == "avg":  # the mean patch token goes through fc_norm instead of the final norm (MAE)
             self.encoder.norm = nn.Identity()
-        self.fc_norm = LayerNorm(width) if cfg.pool != "cls" else nn.Identity()
+        self.fc_norm = LayerNorm(width) if cfg.pool == "avg" else nn.Identity()
         features = width * (cfg.pool_grid**2 if cfg.pool == "grid" else 1)
         linear = nn.Linear(features, cfg.num_outputs)
         nn.init.trunc_normal_(linear.weight, std=cfg.head_init_std)
@@ -205,6 +214,10 @@ class ViTClassifier(nn.Module):
             self.encoder.requires_grad_(False)
             self.pos_embed.requires_grad_(False)
             self.fc_norm.requires_grad_(False)
+        if cfg.task == "regression":
+            outputs = cfg.num_outputs
+            self.register_buffer("target_mean", torch.tensor(cfg.target_mean or [0.0] * outputs), persistent=False)
+            self.register_buffer("target_std", torch.tensor(cfg.target_std or [1.0] * outputs), persistent=False)
         if cfg.task == "classification":
             self.mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                                 num_classes=cfg.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
@@ -260,22 +273,29 @@ class ViTClassifier(nn.Module):
                 tokens, ids = self.reducer(tokens, ids)
             return tokens
 
-        x = enc.forward_tokens(x, hook=reduce, norm=cfg.pool == "cls")
+        x = enc.forward_tokens(x, hook=reduce)  # the final norm is an identity for avg pooling
         if cfg.pool == "cls":
             return x[:, 0]
         patches = x[:, enc.num_prefix_tokens:]
         if cfg.pool == "avg":
             return self.fc_norm(patches.mean(dim=1))
-        return self.fc_norm(grid_pool(patches, ids, cfg.num_patches_side, cfg.pool_grid)).flatten(1)
+        return grid_pool(patches, ids, cfg.num_patches_side, cfg.pool_grid).flatten(1)
 
-    def predict(self, images: Tensor) -> Tensor:
-        """Class logits ``[B, C]`` or regression outputs ``[B, len(targets)]``."""
+    def head_outputs(self, images: Tensor) -> Tensor:
+        """What the head computes: logits, or standardised regression targets."""
         if self.cfg.freeze_encoder:
             with torch.no_grad():
                 features = self.features(images)
         else:
             features = self.features(images)
         return self.head(features)
+
+    def predict(self, images: Tensor) -> Tensor:
+        """Class logits ``[B, C]`` or regression outputs ``[B, len(targets)]`` in the labels' units."""
+        outputs = self.head_outputs(images)
+        if self.cfg.task == "regression":
+            return outputs * self.target_std + self.target_mean
+        return outputs
 
     def targets_of(self, labels: Tensor) -> Tensor:
         """The regression columns of a label batch, as floats."""
@@ -284,7 +304,8 @@ class ViTClassifier(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         images, labels = batch["image"], batch["label"]
         if self.cfg.task == "regression":
-            return {"loss": F.mse_loss(self.predict(images).float(), self.targets_of(labels))}
+            standardised = (self.targets_of(labels) - self.target_mean) / self.target_std
+            return {"loss": F.mse_loss(self.head_outputs(images).float(), standardised)}
         if self.mixup is not None and self.training:
             if images.shape[0] % 2:
                 raise ValueError(f"Mixup/CutMix pair samples within a micro-batch; train.micro_batch_size "
@@ -292,7 +313,7 @@ class ViTClassifier(nn.Module):
             # timm draws from NumPy's global RNG: make the draw a function of the samples' seeds.
             with seeded_host_rngs(int(batch["seed"][0])) if "seed" in batch else nullcontext():
                 images, labels = self.mixup(images, labels)
-        return {"loss": self.criterion(self.predict(images).float(), labels)}
+        return {"loss": self.criterion(self.head_outputs(images).float(), labels)}
 
     def embed(self, images: Tensor) -> Tensor:
         return self.features(images)
