@@ -6,6 +6,10 @@ It prints images/s, the measured PCAE/MAE speed ratio next to the ratio of their
 counted FLOPs (``torch.utils.flop_counter``), and the achieved FLOP/s as a fraction of
 this machine's dense matmul peak, measured in the same run (fp32 on CPU, bf16 on GPU).
 
+``launch bench finetune``: inference of the fine-tuning ViT-B/16 at 224 px with PCAE's token
+reduction at drop ratios 0 to 0.4, side by side: images/s, counted FLOPs, and the measured
+speed-up next to the FLOP reduction.
+
 ``launch bench slurm``: on a SLURM cluster (the local test cluster by default), the time
 from submitting a tiny PCAE job to its first training step, and from a USR2 signal (what
 preemption and the time limit send) to its first step after checkpoint, requeue and resume.
@@ -20,7 +24,8 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,11 +64,25 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds
     return best
 
 
+@contextmanager
+def counting_flops(model: torch.nn.Module) -> Iterator[FlopCounterMode]:
+    """Count FLOPs with attention as explicit matmuls: the fused CPU kernel is invisible to the counter."""
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    for module in fused:
+        module.fused_attn = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            yield counter
+    finally:
+        for module in fused:
+            module.fused_attn = True
+
+
 @dataclass
 class Contender:
     name: str
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     flops_per_step: float
     times: list[float]
 
@@ -74,7 +93,7 @@ def make_contender(method: str, size: str, batch: dict[str, torch.Tensor], devic
     model = build_method(cfg).to(device).train()
     optimizer = build_optimizer(model, OptimConfig())
     contender = Contender(method, model, optimizer, 0.0, [])
-    with FlopCounterMode(display=False) as counter:
+    with counting_flops(model) as counter:
         step(contender, batch, device, autocast)
     contender.flops_per_step = counter.get_total_flops()
     return contender
@@ -91,32 +110,37 @@ def step(c: Contender, batch: dict[str, torch.Tensor], device: torch.device, aut
         c.model.on_step_end(1, 1000)
 
 
-def time_alternating(contenders: list[Contender], batch: dict[str, torch.Tensor], device: torch.device,
-                     autocast: bool, warmup: int, steps: int) -> None:
-    """Untimed warm-up steps, then timed steps taking turns, so drifts in clock speed hit all alike."""
+def time_alternating(contenders: list[Contender], run: Callable[[Contender], None], device: torch.device,
+                     warmup: int, steps: int) -> None:
+    """Untimed warm-up runs, then timed runs taking turns, so drifts in clock speed hit all alike."""
     for _ in range(warmup):
         for c in contenders:
-            step(c, batch, device, autocast)
+            run(c)
     for _ in range(steps):
         for c in contenders:
             synchronize(device)
             start = time.perf_counter()
-            step(c, batch, device, autocast)
+            run(c)
             synchronize(device)
             c.times.append(time.perf_counter() - start)
 
 
-def bench_pretrain(args: argparse.Namespace) -> int:
+def describe_device() -> tuple[torch.device, bool, float]:
+    """The device, whether to autocast to bf16 (GPU), and its matmul peak; prints them."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         keep_freed_memory()  # as the trainer does
     autocast = device.type == "cuda"
-    dtype = torch.bfloat16 if autocast else torch.float32
-    peak = matmul_peak(device, dtype)
+    peak = matmul_peak(device, torch.bfloat16 if autocast else torch.float32)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"device: {device.type} ({where}); torch {torch.__version__}")
     print(f"{'bf16' if autocast else 'fp32'} matmul peak (2048^3, measured now): {peak / 1e12:.3f} TFLOP/s\n")
+    return device, autocast, peak
+
+
+def bench_pretrain(args: argparse.Namespace) -> int:
+    device, autocast, peak = describe_device()
     header = f"{'size':<6}{'batch':>6}  {'method':<6}{'img/s':>9}{'GFLOP/img':>11}{'TFLOP/s':>9}{'of peak':>9}"
     print(header)
     print("-" * len(header))
@@ -126,7 +150,7 @@ def bench_pretrain(args: argparse.Namespace) -> int:
         batch = {"image": torch.randn(batch_size, 3, 224, 224, generator=generator).to(device),
                  "seed": torch.arange(batch_size, device=device)}
         contenders = [make_contender(m, size, batch, device, autocast) for m in ("mae", "pcae")]
-        time_alternating(contenders, batch, device, autocast, args.warmup, args.steps)
+        time_alternating(contenders, lambda c: step(c, batch, device, autocast), device, args.warmup, args.steps)
         speed = {}
         for c in contenders:
             seconds = statistics.median(c.times)
@@ -140,6 +164,61 @@ def bench_pretrain(args: argparse.Namespace) -> int:
         measured = speed["pcae"] / speed["mae"]
         print(f"{size:<6} PCAE/MAE speed: measured {measured:.3f}, FLOP ratio {flop_ratio:.3f}, "
               f"measured / FLOP ratio {measured / flop_ratio:.3f} (target >= 0.95)\n")
+    return 0
+
+
+# PCAE paper, Table 5 (ViT-B/16, ImageNet): MACs (G) per image at each drop ratio; its drop
+# positions are not published, so ours (those of pretraining) need not give the same counts.
+PAPER_TABLE5_GMACS = {0.0: 17.57, 0.1: 15.34, 0.2: 13.19, 0.3: 11.29, 0.4: 9.53}
+
+
+def bench_finetune(args: argparse.Namespace) -> int:
+    """Inference of the fine-tuning ViT with PCAE's token reduction at several drop ratios."""
+    from methods.classifier import ClassifierConfig
+
+    device, autocast, peak = describe_device()
+    ratios = [float(r) for r in args.drop_ratios.split(",")]
+    batch_size = args.batch_size or (256 if device.type == "cuda" else 16)
+    images = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    contenders = []
+    for ratio in ratios:
+        torch.manual_seed(0)
+        cfg = ClassifierConfig(size=args.size, keep_ratio=round(1.0 - ratio, 6))
+        model = build_method(cfg).to(device).eval()
+        contender = Contender(f"{ratio:g}", model, None, 0.0, [])
+        with counting_flops(model) as counter, torch.no_grad():
+            model.predict(images)
+        contender.flops_per_step = counter.get_total_flops()
+        contender.tokens = cfg.token_counts  # type: ignore[attr-defined]
+        contenders.append(contender)
+
+    def infer(c: Contender) -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            c.model.predict(images)
+
+    time_alternating(contenders, infer, device, args.warmup, args.steps)
+    print(f"ViT-{args.size[0].upper()}/16 at 224 px, batch {batch_size}, inference; token reduction after "
+          f"blocks {list(ClassifierConfig(size=args.size, keep_ratio=0.5).resolved_drop_positions)}\n")
+    header = (f"{'drop':>5}{'patch tokens per stage':>25}{'img/s':>9}{'GFLOP/img':>11}{'of peak':>9}"
+              f"{'img/s gain':>12}{'FLOP gain':>11}{'gain ratio':>12}{'paper GMACs':>13}")
+    print(header)
+    print("-" * len(header))
+    base_speed = batch_size / statistics.median(contenders[0].times)
+    worst = None
+    for c in contenders:
+        speed = batch_size / statistics.median(c.times)
+        # Gains as the paper states them (+15% throughput): measured vs what the FLOPs allow.
+        gain, flop_gain = speed / base_speed - 1, contenders[0].flops_per_step / c.flops_per_step - 1
+        ratio = gain / flop_gain if flop_gain > 0 else None
+        if ratio is not None:
+            worst = ratio if worst is None else min(worst, ratio)
+        paper = PAPER_TABLE5_GMACS.get(float(c.name)) if args.size == "base" else None
+        print(f"{c.name:>5}{' -> '.join(map(str, c.tokens)):>25}{speed:>9.2f}"
+              f"{c.flops_per_step / batch_size / 1e9:>11.2f}{c.flops_per_step / batch_size * speed / peak:>9.1%}"
+              f"{gain:>+12.1%}{flop_gain:>+11.1%}{'-' if ratio is None else f'{ratio:.3f}':>12}"
+              f"{paper if paper else '-':>13}")
+    if worst is not None:
+        print(f"\nthroughput gain / FLOP gain, worst drop ratio: {worst:.3f} (target >= 0.9)")
     return 0
 
 
@@ -171,7 +250,7 @@ def bench_ae_losses(args: argparse.Namespace) -> int:
         cfg = get_method(name).config(img_size=64, z=64, loss_network=args.loss_network)
         model = build_method(cfg).to(device).train()
         contenders.append(Contender(name, model, build_optimizer(model, optim), 0.0, []))
-    time_alternating(contenders, batch, device, autocast, warmup=1, steps=args.steps)
+    time_alternating(contenders, lambda c: step(c, batch, device, autocast), device, warmup=1, steps=args.steps)
     step_time = {c.name: statistics.median(c.times) for c in contenders}
     del contenders
 
@@ -326,7 +405,8 @@ def bench_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"pretrain": bench_pretrain, "ae-losses": bench_ae_losses, "slurm": bench_slurm}
+BENCHMARKS = {"pretrain": bench_pretrain, "finetune": bench_finetune, "ae-losses": bench_ae_losses,
+              "slurm": bench_slurm}
 
 
 def run(args: argparse.Namespace) -> int:
