@@ -1,7 +1,7 @@
 """SLURM dispatch through submitit: cluster profiles, the job body, sbatch, status and control.
 
 This is the only module that imports submitit (lazily, so the rest of the CLI starts fast).
-One ``launch pretrain`` on a cluster is one SLURM job of N nodes x one task per GPU (one
+One ``launch pretrain|finetune|linprobe`` on a cluster is one SLURM job of N nodes x one task per GPU (one
 task per node on CPU partitions). Every task exports the torch.distributed variables
 from SLURM's, then builds the Trainer. A USR2 signal (preemption, or the time limit
 coming) makes every rank stop at the same step boundary and checkpoint; rank 0 then
@@ -205,7 +205,7 @@ def master_port(job_id: str, attempt: int) -> int:
     return 20000 + (number * 131 + attempt * 7) % 40000
 
 
-class PretrainJob:
+class TrainingJob:
     """The body of every task: export the distributed environment, train, requeue on USR2.
 
     submitit pickles this object; ``checkpoint()`` is its requeue hook for a USR2 that comes
@@ -428,10 +428,17 @@ def render_sbatch(profile: ClusterProfile, res: Resources, run_dir: Path, job_na
 def submit(cfg: Any, run_dir: Path, profile: ClusterProfile, res: Resources, max_requeues: int) -> str:
     """Submit the job (the run directory and its config.yaml must already exist); return its id."""
     run_dir = Path(run_dir).resolve()
+    job = TrainingJob(to_dict(cfg), str(run_dir), res.gpus_per_node > 0, max_requeues)
+    return submit_recorded(job, run_dir, profile, res, sbatch_parameters(profile, res, f"launch-{cfg.method.name}"),
+                           max_requeues)
+
+
+def submit_recorded(job_body: Any, run_dir: Path, profile: ClusterProfile, res: Resources,
+                    parameters: dict[str, Any], max_requeues: int) -> str:
+    """Submit ``job_body`` with submitit into ``run_dir/slurm/subK`` and record it in ``launch.json``."""
     folder = next_submission_folder(run_dir)
-    job_name = f"launch-{cfg.method.name}"
     executor = _executor(folder, max_requeues)
-    executor.update_parameters(**sbatch_parameters(profile, res, job_name))
+    executor.update_parameters(**parameters)
     try:
         record = read_launch(run_dir)
     except RunDirError:
@@ -439,7 +446,7 @@ def submit(cfg: Any, run_dir: Path, profile: ClusterProfile, res: Resources, max
     record.update({"cluster": res.cluster, "profile": to_dict(profile), "resources": dataclasses.asdict(res),
                    "max_requeues": max_requeues})
     write_launch(run_dir, record)  # before the job starts: its rank 0 adds its attempts here
-    job = executor.submit(PretrainJob(to_dict(cfg), str(run_dir), res.gpus_per_node > 0, max_requeues))
+    job = executor.submit(job_body)
     record = read_launch(run_dir)
     record["jobs"].append({"job_id": job.job_id, "folder": str(folder.relative_to(run_dir)),
                            "submitted": now()})
@@ -567,3 +574,130 @@ def follow(path: Path, run_dir: Path, out: Any = sys.stdout, poll_s: float = 1.0
             return
         time.sleep(poll_s)
 
+
+# ----------------------------------------------------------------------------- Ray Tune sweeps
+
+SWEEP_MAX_REQUEUES = 10  # preemptions requeue the sweep job; each attempt restores the sweep
+
+
+def sweep_parameters(profile: ClusterProfile, res: Resources, job_name: str) -> dict[str, Any]:
+    """sbatch parameters of a sweep job: one task per node, holding all of its CPUs and GPUs."""
+    params = sbatch_parameters(profile, res, job_name)
+    params.update(ntasks_per_node=1, cpus_per_task=profile.cpus_per_task * res.tasks_per_node)
+    return params
+
+
+def render_sweep_sbatch(profile: ClusterProfile, res: Resources, sweep_dir: Path, job_name: str) -> str:
+    """The exact sbatch script submit_sweep() would write for this sweep's next submission."""
+    executor = _executor(next_submission_folder(sweep_dir), SWEEP_MAX_REQUEUES, render_only=True)
+    executor.update_parameters(**sweep_parameters(profile, res, job_name))
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+def submit_sweep(sweep_dir: Path, storage: Path, profile: ClusterProfile, res: Resources, job_name: str) -> str:
+    """Submit a sweep's job (its directory and sweep.yaml must already exist); return its id."""
+    sweep_dir = Path(sweep_dir).resolve()
+    job = RaySweepJob(str(sweep_dir), str(Path(storage).resolve()), res.gpus_per_node)
+    return submit_recorded(job, sweep_dir, profile, res, sweep_parameters(profile, res, job_name), SWEEP_MAX_REQUEUES)
+
+
+def _publish(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers on other nodes never see half a file
+
+
+class RaySweepJob:
+    """The body of every task of a sweep job: one Ray node per SLURM node, the sweep on the first.
+
+    Task 0 starts the Ray head and publishes its address in a file of the job's submission
+    folder (on the shared filesystem); the other tasks wait for it and start Ray workers that
+    join. Task 0 then drives the sweep, and when it ends (or fails) writes ``done``: the workers
+    stop their Ray node and say so, then task 0 stops the head. Each task stops only the Ray
+    processes it started. Without a ``checkpoint()``, a preempted job is requeued by submitit and
+    its next attempt restores the sweep; a job that runs out of time is not (resubmit it).
+    """
+
+    def __init__(self, sweep_dir: str, storage: str, gpus_per_node: int) -> None:
+        self.sweep_dir, self.storage, self.gpus_per_node = sweep_dir, storage, gpus_per_node
+
+    def __call__(self) -> dict[str, Any]:
+        import submitit
+
+        from launcher import tune
+
+        env = submitit.JobEnvironment()
+        # Every task's own log file (RUN/slurm/subK/JOB_TASK_log.out) says what its Ray node did.
+        logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S",
+                            format=f"%(asctime)s [rank {env.global_rank}] %(levelname)s %(name)s: %(message)s")
+        attempt = restart_count()
+        # A fresh rendezvous per attempt: a requeued job must not find its previous head.
+        rendezvous = Path(env.paths.folder) / f"ray_{env.job_id}_{attempt}"
+        rendezvous.mkdir(parents=True, exist_ok=True)
+        temp_dir = tune.ray_temp_dir(f"{env.job_id}-{attempt}-{env.node}")
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or None
+        if env.global_rank == 0:
+            return self._head(env, attempt, rendezvous, temp_dir, cpus)
+        return self._worker(env, rendezvous, temp_dir, cpus)
+
+    @staticmethod
+    def _share_token(rendezvous: Path) -> None:
+        """Task 0: a secret of this job's Ray cluster, readable by its owner only."""
+        import secrets
+
+        from launcher import tune
+
+        token = secrets.token_hex(32)
+        path = rendezvous / "token"
+        path.touch(mode=0o600)
+        path.write_text(token)
+        tune.use_cluster_token(token)
+
+    def _head(self, env: Any, attempt: int, rendezvous: Path, temp_dir: Path, cpus: int | None) -> dict[str, Any]:
+        from launcher import tune
+
+        sweep_dir = Path(self.sweep_dir)
+        record_attempt(sweep_dir, env.job_id, attempt, outcome="running")
+        try:
+            self._share_token(rendezvous)  # before the head starts: it inherits the environment
+            with tune.ray_node(temp_dir, num_cpus=cpus, num_gpus=self.gpus_per_node) as node:
+                try:
+                    _publish(rendezvous / "head", node.address)
+                    sweep = tune.load_sweep(sweep_dir / "sweep.yaml")
+                    tune.run_sweep(sweep, Path(self.storage), node.address, num_nodes=env.num_nodes)
+                finally:
+                    (rendezvous / "done").touch()
+                    # The workers leave first, while the head still answers them.
+                    stopped = [rendezvous / f"stopped_{k}" for k in range(1, env.num_nodes)]
+                    deadline = time.monotonic() + 60
+                    while not all(p.exists() for p in stopped) and time.monotonic() < deadline:
+                        time.sleep(0.5)
+        except BaseException as e:
+            if not isinstance(e, SystemExit):
+                record_attempt(sweep_dir, env.job_id, attempt, outcome="failed",
+                               error=f"rank 0: {type(e).__name__}: {e}")
+            raise
+        record_attempt(sweep_dir, env.job_id, attempt, outcome="finished")
+        return {"sweep": str(sweep_dir), "nodes": env.num_nodes}
+
+    def _worker(self, env: Any, rendezvous: Path, temp_dir: Path, cpus: int | None) -> dict[str, Any]:
+        from launcher import tune
+
+        head, done = rendezvous / "head", rendezvous / "done"
+        deadline = time.monotonic() + 600
+        while not head.exists():
+            if done.exists():  # the head failed before it could publish its address
+                return {"node": env.node}
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no Ray head address in {head} after 600 s; see the log of task 0")
+            time.sleep(0.5)
+        tune.use_cluster_token((rendezvous / "token").read_text())  # written before the address
+        with tune.ray_node(temp_dir, head_address=head.read_text(), num_cpus=cpus,
+                           num_gpus=self.gpus_per_node) as node:
+            while not done.exists():
+                if not node.alive():
+                    raise RuntimeError(f"this task's Ray node exited (code {node.process.returncode}) "
+                                       f"before the sweep ended; see this task's log")
+                time.sleep(0.5)
+        (rendezvous / f"stopped_{env.node}").touch()
+        return {"node": env.node}

@@ -158,9 +158,9 @@ def test_a_signal_before_training_requeues_through_submitit_within_the_limit(sha
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     slurm.write_launch(shared_tmp, {"jobs": [{"job_id": "7"}]})
-    job = slurm.PretrainJob({"method": {"name": "pcae"}}, str(shared_tmp), use_gpu=False, max_requeues=2)
+    job = slurm.TrainingJob({"method": {"name": "pcae"}}, str(shared_tmp), use_gpu=False, max_requeues=2)
     again = job.checkpoint()
-    assert isinstance(again.function, slurm.PretrainJob) and again.function.max_requeues == 2
+    assert isinstance(again.function, slurm.TrainingJob) and again.function.max_requeues == 2
     assert slurm.read_launch(shared_tmp)["attempts"][-1]["outcome"] == "requeued"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     assert job.checkpoint() is None  # submitit then ends the job: the limit is reached

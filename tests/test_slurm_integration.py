@@ -252,3 +252,29 @@ def test_requeues_are_bounded_and_the_reason_recorded(shared: Path, capsys) -> N
     assert main(["status", str(run)]) == 0
     assert "last error: stopped at step" in capsys.readouterr().out
 
+
+
+def test_two_node_finetuning_gives_the_losses_of_one_process_and_evaluates(shared: Path) -> None:
+    """`launch finetune` goes through the same SLURM path: Mixup, RandAugment, layer decay, eval."""
+    from launcher.trainer import Trainer
+    from tests.test_downstream import finetune_experiment
+
+    source = shared / "finetune-source"
+    assert main(["pretrain", "pcae", "--experiment", str(shared / "pcae.yaml"), "--run-dir", str(source),
+                 "train.num_epochs=1"]) == 0
+    experiment = finetune_experiment(shared / "images", keep_ratio=0.75)
+    for key in ("size", "img_size", "patch_size", "in_chans", "mlp_ratio"):
+        experiment["method"].pop(key)
+    experiment["method"]["drop_path"] = 0.0  # no per-rank randomness
+    (shared / "finetune.yaml").write_text(yaml.safe_dump(experiment))
+    run = shared / "finetune-ddp"
+    assert main(["finetune", str(source), "--cluster", "local-test", "--nodes", "2", "--time", "10",
+                 "--experiment", str(shared / "finetune.yaml"), "--run-dir", str(run)]) == 0
+    # The same config in this process: one rank, two accumulation steps.
+    cfg = experiment_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert Trainer(cfg, shared / "finetune-reference").fit().finished
+    status = wait_for(run, TERMINAL, 120)
+    assert status["state"] == "COMPLETED", status
+    assert_same_losses(losses(run), losses(shared / "finetune-reference"))
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["samples"] == 36 and evaluation["step"] == len(losses(run))

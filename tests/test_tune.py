@@ -123,3 +123,62 @@ def test_a_killed_sweep_reruns_only_its_missing_trials(tmp_path: Path) -> None:
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| I-I-PW |" in report.stdout and "| I-F-FP |" in report.stdout
     assert (sweep_dir / "report" / "lunarlander_z8_gamma0.0.png").is_file()
+
+
+# ----------------------------------------------------------------------------- on SLURM, without a cluster
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "2"], "--nodes need a cluster profile: pass --cluster NAME (known profiles: local-test"),
+    (["--cluster", "nope"], "unknown cluster profile 'nope'; known profiles: local-test"),
+    (["--cluster", "local-test", "--nodes", "9"], "max_nodes: 4"),
+    (["--cluster", "local-test", "--partition", "high", "--nodes", "4"], "more than partition 'high' has (2"),
+    (["--cluster", "local-test", "--partition", "gpu"], "partition 'gpu' does not exist on this cluster"),
+    (["--cluster", "local-test", "--nodes", "2", "--address", "10.0.0.1:6379"], "--address runs the sweep on an "
+                                                                               "existing Ray cluster, --nodes"),
+    (["--nodes", "2", "--address", "10.0.0.1:6379"], "pass one or the other"),
+    (["--cluster", "local-test", "--storage", "/tmp/launch-sweeps"], "local to each machine"),
+    (["--cluster", "local-test", "--resume"], "--resume: there is no sweep at"),
+])
+def test_bad_slurm_sweep_input_exits_2_and_submits_nothing(shared_tmp: Path, monkeypatch, capsys,
+                                                            args: list[str], message: str) -> None:
+    from launcher.cli import main
+    from tests.test_slurm import fake_slurm
+
+    fake_slurm(shared_tmp / "bin", {"debug": 4, "high": 2})  # its sbatch fails the test if called
+    monkeypatch.setenv("PATH", f"{shared_tmp / 'bin'}:/usr/bin:/bin")
+    (shared_tmp / "tiny.yaml").write_text(TINY_SWEEP)
+    if "--storage" not in args:
+        args += ["--storage", str(shared_tmp / "runs")]
+    assert main(["tune", "ae-losses", "--experiment", str(shared_tmp / "tiny.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1  # one paragraph
+    assert not (shared_tmp / "runs").exists()
+
+
+def test_a_slurm_sweep_dry_run_prints_the_sbatch_script_and_submits_nothing(shared_tmp: Path, monkeypatch,
+                                                                            capsys) -> None:
+    from launcher.cli import main
+
+    monkeypatch.setenv("PATH", str(shared_tmp))  # no SLURM at all: a dry run still renders the script
+    (shared_tmp / "tiny.yaml").write_text(TINY_SWEEP)
+    storage = shared_tmp / "runs"
+    assert main(["tune", "ae-losses", "--experiment", str(shared_tmp / "tiny.yaml"), "--cluster", "local-test",
+                 "--nodes", "2", "--time", "10", "--storage", str(storage), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"# sweep tiny: 2 trials from {shared_tmp / 'tiny.yaml'}\n# sweep directory: {storage / 'tiny'}\n" in out
+    assert "#SBATCH --nodes=2\n" in out and "#SBATCH --ntasks-per-node=1\n" in out and "#SBATCH --time=10\n" in out
+    assert f"-m submitit.core._submit {storage / 'tiny'}/slurm/sub1\n" in out
+    assert not storage.exists()
+
+
+def test_the_sweep_sbatch_script_matches_the_golden_file() -> None:
+    import shlex
+
+    from launcher import slurm
+
+    profile = slurm.load_profile("local-test")
+    res = slurm.resolve_resources("local-test", profile, nodes=2)
+    script = slurm.render_sweep_sbatch(profile, res, Path("/shared/runs/tiny"), "launch-tune-tiny")
+    script = script.replace(shlex.quote(sys.executable), "PYTHON")
+    assert script == (REPO / "tests" / "golden" / "tune_local-test_2nodes.sbatch").read_text()
