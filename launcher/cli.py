@@ -344,12 +344,15 @@ def demo_linprobe(cfg, run_dir: Path) -> None:
     source = downstream.resolve_source(run_dir, "linprobe")
     probe_cfg = load_experiment(experiment, source.overrides, method="linprobe")
     probe_dir = run_dir / "linprobe"
-    print(f"\nLinear probe (MAE's recipe: frozen encoder, BatchNorm + linear head, LARS) from {experiment.name}, "
-          f"run directory {probe_dir}", flush=True)
+    head = "BatchNorm + linear head" if probe_cfg.method.head_batchnorm else "linear head"
+    print(f"\nLinear probe of the frozen encoder ({probe_cfg.method.pool} pooling, {head}, "
+          f"{probe_cfg.optim.name}) from {cfg.probe.linprobe}, run directory {probe_dir}", flush=True)
     run_training(probe_cfg, probe_dir)
     record = read_eval(probe_dir)
     if record is not None and "r2" in record:
-        columns = " ".join(f"R2(col {k[3:]}) {v:.3f}" for k, v in record.items() if k.startswith("r2_"))
+        names = {0: "x", 1: "y"} if probe_cfg.data.name == "lunarlander" else {}
+        columns = " ".join(f"R2({names.get(int(k[3:]), k[3:])}) {v:.3f}" for k, v in record.items()
+                           if k.startswith("r2_"))
         print(f"linear probe of the pretrained encoder on held-out frames: {columns}, mean {record['r2']:.3f}")
 
 

@@ -124,7 +124,7 @@ class ProbeConfig:
     # Average the patch tokens over a grid x grid layout of cells and concatenate them, which
     # keeps where things are (a global mean forgets it); 0 uses the method's own embed().
     grid: int = 2
-    # A linprobe experiment (path from the repository root) run on the pretrained encoder after
+    # A linprobe experiment (absolute, or relative to the repository root) run on the encoder after
     # pretraining, as `launch linprobe RUN --experiment ...` would; "" for none.
     linprobe: str = ""
 

@@ -301,3 +301,16 @@ def test_regression_head_learns_standardised_targets_and_predicts_in_label_units
         torch.testing.assert_close(loss, ((raw - standardised) ** 2).mean())
     with pytest.raises(ValueError, match="target_std needs one value per target column"):
         LinearProbeConfig(**TINY, task="regression", targets=(0, 1), target_std=(1.0,))
+
+
+def test_pretraining_can_end_with_a_linear_probe_as_the_local_demo_does(tmp_path: Path, capsys) -> None:
+    images = make_image_folder(tmp_path / "images")
+    probe = finetune_experiment(images, "linprobe")
+    for key in ("size", "img_size", "patch_size", "in_chans", "mlp_ratio"):
+        probe["method"].pop(key)
+    probe_file = write_yaml(tmp_path / "probe.yaml", probe)
+    experiment = write_yaml(tmp_path / "pcae.yaml", tiny_experiment("pcae", images, probe={"linprobe": str(probe_file)}))
+    assert main(["pretrain", "pcae", "--experiment", str(experiment), "--run-dir", str(tmp_path / "run")]) == 0
+    assert "Linear probe of the frozen encoder (cls pooling, BatchNorm + linear head, lars)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "run" / "linprobe" / "eval.json").read_text())
+    assert result["samples"] == 36

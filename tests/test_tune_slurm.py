@@ -37,6 +37,17 @@ def job_processes(job_id: str) -> list[str]:
     return found
 
 
+def run_sweep_job(storage: Path) -> tuple[str, dict]:
+    """Submit the tiny sweep as a 2-node job and wait for it to end; its job id and status."""
+    assert main(["tune", "ae-losses", "--experiment", "tiny.yaml", "--cluster", "local-test", "--nodes", "2",
+                 "--time", "10", "--storage", str(storage)]) == 0
+    job = slurm.read_launch(storage / "tiny")["jobs"][-1]["job_id"]
+    try:
+        return job, wait_for(storage / "tiny", TERMINAL, 240)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, check=False)
+
+
 def test_a_sweep_runs_on_a_ray_cluster_started_in_a_two_node_job(cluster, shared_tmp: Path, monkeypatch) -> None:
     # Each trial needs all 4 CPUs of a node, so the two trials can only run on different nodes.
     (shared_tmp / "tiny.yaml").write_text(TINY_SWEEP.replace("cpus_per_trial: 2", "cpus_per_trial: 4"))
@@ -44,13 +55,7 @@ def test_a_sweep_runs_on_a_ray_cluster_started_in_a_two_node_job(cluster, shared
     storage = shared_tmp / "runs"
     sweep = storage / "tiny"
     start = time.monotonic()
-    assert main(["tune", "ae-losses", "--experiment", "tiny.yaml", "--cluster", "local-test", "--nodes", "2",
-                 "--time", "10", "--storage", str(storage)]) == 0
-    job = slurm.read_launch(sweep)["jobs"][-1]["job_id"]
-    try:
-        status = wait_for(sweep, TERMINAL, 240)
-    finally:
-        subprocess.run(["scancel", job], capture_output=True, check=False)
+    job, status = run_sweep_job(storage)
     assert status["state"] == "COMPLETED", (status, slurm.log_path(sweep, 1).read_text()[-3000:])
     print(f"submit -> COMPLETED: {time.monotonic() - start:.1f} s")
 
@@ -76,13 +81,7 @@ def test_a_sweep_runs_on_a_ray_cluster_started_in_a_two_node_job(cluster, shared
 
     # The same command again restores the sweep: its finished trials are not run again.
     results = {p: p.read_text() for p in sweep.glob("*/result.json")}
-    assert main(["tune", "ae-losses", "--experiment", "tiny.yaml", "--cluster", "local-test", "--nodes", "2",
-                 "--time", "10", "--storage", str(storage)]) == 0
-    again = slurm.read_launch(sweep)["jobs"][-1]["job_id"]
-    try:
-        status = wait_for(sweep, TERMINAL, 240)
-    finally:
-        subprocess.run(["scancel", again], capture_output=True, check=False)
+    again, status = run_sweep_job(storage)
     assert status["state"] == "COMPLETED" and again != job, status
     assert "restoring the sweep" in slurm.log_path(sweep, 0).read_text()
     assert {p: p.read_text() for p in sweep.glob("*/result.json")} == results
