@@ -180,7 +180,7 @@ def bench_finetune(args: argparse.Namespace) -> int:
     ratios = [float(r) for r in args.drop_ratios.split(",")]
     batch_size = args.batch_size or (256 if device.type == "cuda" else 16)
     images = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
-    contenders = []
+    contenders, tokens = [], {}
     for ratio in ratios:
         torch.manual_seed(0)
         cfg = ClassifierConfig(size=args.size, keep_ratio=round(1.0 - ratio, 6))
@@ -189,7 +189,7 @@ def bench_finetune(args: argparse.Namespace) -> int:
         with counting_flops(model) as counter, torch.no_grad():
             model.predict(images)
         contender.flops_per_step = counter.get_total_flops()
-        contender.tokens = cfg.token_counts  # type: ignore[attr-defined]
+        tokens[contender.name] = cfg.token_counts
         contenders.append(contender)
 
     def infer(c: Contender) -> None:
@@ -213,7 +213,7 @@ def bench_finetune(args: argparse.Namespace) -> int:
         if ratio is not None:
             worst = ratio if worst is None else min(worst, ratio)
         paper = PAPER_TABLE5_GMACS.get(float(c.name)) if args.size == "base" else None
-        print(f"{c.name:>5}{' -> '.join(map(str, c.tokens)):>25}{speed:>9.2f}"
+        print(f"{c.name:>5}{' -> '.join(map(str, tokens[c.name])):>25}{speed:>9.2f}"
               f"{c.flops_per_step / batch_size / 1e9:>11.2f}{c.flops_per_step / batch_size * speed / peak:>9.1%}"
               f"{gain:>+12.1%}{flop_gain:>+11.1%}{'-' if ratio is None else f'{ratio:.3f}':>12}"
               f"{paper if paper else '-':>13}")

@@ -162,11 +162,16 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- pretrain
 
 
+def slurm_flags_given(args: argparse.Namespace) -> list[str]:
+    """The SLURM flags on this command line that override a cluster profile."""
+    return [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "partition", "time")
+            if getattr(args, k, None) is not None]
+
+
 def check_placement(args: argparse.Namespace) -> None:
     """--local and the SLURM flags exclude each other; the SLURM flags need --cluster."""
-    slurm_flags = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "partition", "time")
-                   if getattr(args, k) is not None]
-    if args.local and (args.cluster or slurm_flags):
+    slurm_flags = slurm_flags_given(args)
+    if getattr(args, "local", False) and (args.cluster or slurm_flags):
         raise ConfigError(f"--local runs on this machine; drop {' '.join(slurm_flags) or '--cluster'} or --local")
     if slurm_flags and not args.cluster:
         from launcher.slurm import profile_names
@@ -186,7 +191,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     check_placement(args)
     experiment = args.experiment or default_experiment("pretrain", args.method, local=not args.cluster)
     cfg = load_experiment(experiment, args.overrides, method=args.method)
-    return launch_run(args, cfg, experiment, f"pretrain-{experiment.stem}")
+    return launch_run(args, cfg, experiment, experiment.stem)
 
 
 def cmd_downstream(args: argparse.Namespace) -> int:
@@ -214,7 +219,6 @@ def cmd_downstream(args: argparse.Namespace) -> int:
              *([f"method.keep_ratio={args.keep_ratio}"] if args.keep_ratio is not None else [])]
     # The weights decide the architecture; the user's overrides come last.
     cfg = load_experiment(experiment, [*source.overrides, *flags, *args.overrides], method=args.command)
-    name = f"{args.command}-{source.name}"
     if args.eval_only:
         from launcher.runs import check_run_dir, default_run_dir
 
@@ -223,7 +227,7 @@ def cmd_downstream(args: argparse.Namespace) -> int:
         if args.dry_run:
             return print_dry_run(cfg, experiment, run_dir, False)
         return evaluate_run(cfg, run_dir)
-    return launch_run(args, cfg, experiment, name)
+    return launch_run(args, cfg, experiment, source.name)
 
 
 def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool, extra: str = "") -> int:
@@ -234,13 +238,16 @@ def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool, extra: s
     return 0
 
 
-def launch_run(args: argparse.Namespace, cfg, experiment: Path, name: str) -> int:
-    """Run ``cfg`` on this machine, or submit it as one SLURM job with ``--cluster``."""
+def launch_run(args: argparse.Namespace, cfg, experiment: Path, label: str) -> int:
+    """Run ``cfg`` on this machine, or submit it as one SLURM job with ``--cluster``.
+
+    The default run directory is named after the command, ``label`` and the time.
+    """
     from launcher.runs import check_run_dir, default_run_dir
 
     if args.cluster:
-        return run_on_slurm(args, cfg, experiment, name)
-    run_dir = args.run_dir or default_run_dir(*name.split("-", 1))
+        return run_on_slurm(args, cfg, experiment, label)
+    run_dir = args.run_dir or default_run_dir(args.command, label)
     resuming = check_run_dir(run_dir, cfg)
     if args.dry_run:
         return print_dry_run(cfg, experiment, run_dir, resuming)
@@ -248,7 +255,7 @@ def launch_run(args: argparse.Namespace, cfg, experiment: Path, name: str) -> in
     return run_training(cfg, run_dir)
 
 
-def run_on_slurm(args: argparse.Namespace, cfg, experiment: Path, name: str) -> int:
+def run_on_slurm(args: argparse.Namespace, cfg, experiment: Path, label: str) -> int:
     from launcher import slurm
     from launcher.runs import check_run_dir, default_run_dir, write_config
 
@@ -262,7 +269,7 @@ def run_on_slurm(args: argparse.Namespace, cfg, experiment: Path, name: str) -> 
         raise ConfigError(f"train.global_batch_size ({cfg.train.global_batch_size}) is not a multiple of "
                           f"train.micro_batch_size x processes ({cfg.train.micro_batch_size} x {world}); "
                           f"change one of them or the number of nodes/GPUs")
-    run_dir = (args.run_dir or Path(profile.runs_dir) / default_run_dir(*name.split("-", 1)).name)
+    run_dir = (args.run_dir or Path(profile.runs_dir) / default_run_dir(args.command, label).name)
     run_dir = Path(run_dir).resolve()
     slurm.check_shared(run_dir, "run directory")
     resuming = check_run_dir(run_dir, cfg)
@@ -453,15 +460,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from launcher.tune import TUNE_DIR, load_sweep, run_sweep, sweep_dir
 
-    slurm_flags = [f"--{k}" for k in ("nodes", "partition", "time") if getattr(args, k) is not None]
+    slurm_flags = slurm_flags_given(args)
     if args.address and (args.cluster or slurm_flags):
         raise ConfigError(f"--address runs the sweep on an existing Ray cluster, "
                           f"{' '.join(slurm_flags) or '--cluster'} start one in a SLURM job; pass one or the other")
-    if slurm_flags and not args.cluster:
-        from launcher.slurm import profile_names
-
-        raise ConfigError(f"{' '.join(slurm_flags)} need a cluster profile: pass --cluster NAME "
-                          f"(known profiles: {', '.join(profile_names())})")
+    check_placement(args)
     experiment = args.experiment or TUNE_DIR / "ae_losses.yaml"
     sweep = load_sweep(experiment, args.dataset)
     if args.cluster:

@@ -33,12 +33,11 @@ from methods.pretrained import EncoderChoice, PretrainedEncoder, load_pretrained
 from methods.registry import MethodConfig, register_method
 from methods.seeding import seeded_host_rngs
 from methods.token_reduction import (
-    DROP_MODES,
     DropMode,
     TokenReducer,
-    check_drop_positions,
-    default_drop_positions,
+    check_token_reduction,
     reduced_token_counts,
+    resolve_drop_positions,
 )
 from methods.vit import LayerNorm, ViTEncoder, ViTSize, ViTSizeName, vit_size
 
@@ -108,16 +107,9 @@ class ClassifierConfig(MethodConfig):
             )
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1] (drop ratio = 1 - keep_ratio), got {self.keep_ratio}")
-        if not 0 <= self.num_drop_stages <= depth:
-            raise ValueError(f"num_drop_stages must be between 0 and the encoder depth {depth}, "
-                             f"got {self.num_drop_stages}")
         if self.drop_positions is not None:
             self.drop_positions = tuple(self.drop_positions)
-            check_drop_positions(self.drop_positions, self.num_drop_stages, depth)
-        if self.drop_mode not in DROP_MODES:
-            raise ValueError(f"unknown drop_mode {self.drop_mode!r}; known modes: {', '.join(DROP_MODES)}")
+        check_token_reduction(self.keep_ratio, self.num_drop_stages, self.drop_positions, self.drop_mode, depth)
         if self.token_counts[-1] < 1:
             raise ValueError(f"token reduction leaves no patch tokens ({' -> '.join(map(str, self.token_counts))}); "
                              "raise keep_ratio or use fewer drop stages")
@@ -140,9 +132,7 @@ class ClassifierConfig(MethodConfig):
     def resolved_drop_positions(self) -> tuple[int, ...]:
         if self.keep_ratio == 1.0:
             return ()
-        if self.drop_positions is not None:
-            return self.drop_positions
-        return default_drop_positions(vit_size(self.size).depth, self.num_drop_stages)
+        return resolve_drop_positions(self.drop_positions, vit_size(self.size).depth, self.num_drop_stages)
 
     @property
     def token_counts(self) -> tuple[int, ...]:

@@ -24,12 +24,11 @@ from torch import Tensor, nn
 
 from methods.registry import register_method
 from methods.token_reduction import (
-    DROP_MODES,
     DropMode,
     TokenReducer,
-    check_drop_positions,
-    default_drop_positions,
+    check_token_reduction,
     reduced_token_counts,
+    resolve_drop_positions,
 )
 from methods.vit import MaskedViTConfig, Masking, batch_noise, random_masking
 
@@ -57,18 +56,9 @@ class PCAEConfig(MaskedViTConfig):
         depth = self.vit.depth
         if not 0.0 <= self.decoder_drop_path < 1.0:
             raise ValueError(f"decoder_drop_path must be in [0, 1), got {self.decoder_drop_path}")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if not 0 <= self.num_drop_stages <= depth:
-            raise ValueError(
-                f"num_drop_stages must be between 0 and the encoder depth {depth} (size {self.size!r}), "
-                f"got {self.num_drop_stages}"
-            )
         if self.drop_positions is not None:
             self.drop_positions = tuple(self.drop_positions)
-            check_drop_positions(self.drop_positions, self.num_drop_stages, depth)
-        if self.drop_mode not in DROP_MODES:
-            raise ValueError(f"unknown drop_mode {self.drop_mode!r}; known modes: {', '.join(DROP_MODES)}")
+        check_token_reduction(self.keep_ratio, self.num_drop_stages, self.drop_positions, self.drop_mode, depth)
         for key in ("momentum", "momentum_final"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
@@ -83,9 +73,7 @@ class PCAEConfig(MaskedViTConfig):
     @property
     def resolved_drop_positions(self) -> tuple[int, ...]:
         """The teacher blocks after which tokens are reduced."""
-        if self.drop_positions is not None:
-            return self.drop_positions
-        return default_drop_positions(self.vit.depth, self.num_drop_stages)
+        return resolve_drop_positions(self.drop_positions, self.vit.depth, self.num_drop_stages)
 
     @property
     def target_token_counts(self) -> tuple[int, ...]:

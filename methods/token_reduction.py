@@ -24,6 +24,24 @@ def default_drop_positions(depth: int, num_stages: int) -> tuple[int, ...]:
     return tuple(i * depth // num_stages for i in range(num_stages))
 
 
+def check_token_reduction(keep_ratio: float, num_stages: int, positions: tuple[int, ...] | None, mode: str,
+                          depth: int) -> None:
+    """Raise ``ValueError`` for token-reduction settings a ``depth``-block encoder cannot take."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1] (drop ratio = 1 - keep_ratio), got {keep_ratio}")
+    if not 0 <= num_stages <= depth:
+        raise ValueError(f"num_drop_stages must be between 0 and the encoder depth {depth}, got {num_stages}")
+    if positions is not None:
+        check_drop_positions(positions, num_stages, depth)
+    if mode not in DROP_MODES:
+        raise ValueError(f"unknown drop_mode {mode!r}; known modes: {', '.join(DROP_MODES)}")
+
+
+def resolve_drop_positions(positions: tuple[int, ...] | None, depth: int, num_stages: int) -> tuple[int, ...]:
+    """The given drop positions, or ``num_stages`` evenly spaced ones."""
+    return positions if positions is not None else default_drop_positions(depth, num_stages)
+
+
 def check_drop_positions(positions: tuple[int, ...], num_stages: int, depth: int) -> None:
     """Raise ``ValueError`` unless ``positions`` are ``num_stages`` increasing block indices below ``depth``."""
     if len(positions) != num_stages:
