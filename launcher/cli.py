@@ -14,10 +14,7 @@ Errors the user can fix are printed as one paragraph, with exit code 2 and no tr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -35,20 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("method", help="registered method name, e.g. pcae or mae")
     add_run_arguments(pretrain, "experiments/pretrain/METHOD_local.yaml")
 
-    for name, what in (("finetune", "fine-tune a pretrained encoder (MAE's recipe; PCAE's token reduction)"),
-                       ("linprobe", "linear probe of a frozen pretrained encoder (MAE's recipe)")):
+    for name, what in (
+        ("finetune", "fine-tune a pretrained encoder (MAE's recipe; PCAE's token reduction)"),
+        ("linprobe", "linear probe of a frozen pretrained encoder (MAE's recipe)"),
+    ):
         downstream = commands.add_parser(name, help=what)
-        downstream.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT",
-                                help="a pretraining run directory (its newest valid checkpoint), one of its "
-                                     "checkpoints/step_N directories, or a weights file (official MAE .pth)")
-        downstream.add_argument("--encoder", choices=["student", "teacher"],
-                                help="which PCAE encoder to start from (default student)")
-        downstream.add_argument("--keep-ratio", type=float,
-                                help="PCAE token reduction: fraction of tokens kept at each drop position "
-                                     "(drop ratio = 1 - keep ratio; default 1, no reduction)")
-        downstream.add_argument("--eval-only", action="store_true",
-                                help="evaluate only: a fine-tuning/probe run as SOURCE at its newest checkpoint, "
-                                     "or the model as loaded from SOURCE")
+        downstream.add_argument(
+            "source",
+            type=Path,
+            metavar="RUN_OR_CHECKPOINT",
+            help="a pretraining run directory (its newest valid checkpoint), one of its "
+            "checkpoints/step_N directories, or a weights file (official MAE .pth)",
+        )
+        downstream.add_argument(
+            "--encoder", choices=["student", "teacher"], help="which PCAE encoder to start from (default student)"
+        )
+        downstream.add_argument(
+            "--keep-ratio",
+            type=float,
+            help="PCAE token reduction: fraction of tokens kept at each drop position "
+            "(drop ratio = 1 - keep ratio; default 1, no reduction)",
+        )
+        downstream.add_argument(
+            "--eval-only",
+            action="store_true",
+            help="evaluate only: a fine-tuning/probe run as SOURCE at its newest checkpoint, "
+            "or the model as loaded from SOURCE",
+        )
         add_run_arguments(downstream, f"experiments/{name}/local.yaml (with --cluster: vit_base.yaml)")
 
     status = commands.add_parser("status", help="state of a SLURM run (or of every run) from sacct")
@@ -77,13 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("study", choices=["ae-losses"], help="the study to sweep")
     sweep.add_argument("--experiment", type=Path, help="sweep file (default: experiments/tune/ae_losses.yaml)")
     sweep.add_argument("--dataset", help="run only this data set of the sweep, e.g. lunarlander")
-    sweep.add_argument("--storage", type=Path,
-                       help="where sweeps live (default runs/tune; on SLURM the profile's runs_dir)")
-    sweep.add_argument("--resume", action="store_true",
-                       help="finish an interrupted sweep (re-running the same command does the same)")
+    sweep.add_argument(
+        "--storage", type=Path, help="where sweeps live (default runs/tune; on SLURM the profile's runs_dir)"
+    )
+    sweep.add_argument(
+        "--resume", action="store_true", help="finish an interrupted sweep (re-running the same command does the same)"
+    )
     sweep.add_argument("--address", help="an existing Ray cluster to use, e.g. host:6379 (default: local Ray)")
-    sweep.add_argument("--dry-run", action="store_true",
-                       help="print the sweep's directory and trials (and sbatch script); run nothing")
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="print the sweep's directory and trials (and sbatch script); run nothing"
+    )
     sweep_slurm = sweep.add_argument_group("SLURM (one job of N nodes runs a Ray cluster and the sweep)")
     sweep_slurm.add_argument("--cluster", help="cluster profile slurm/clusters/NAME.yaml; submits one SLURM job")
     sweep_slurm.add_argument("--nodes", type=int, help="nodes of the job, one Ray node each (default 1)")
@@ -100,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_pretrain.add_argument("--batch-size", type=int, default=None, help="images per step (default per size)")
     bench_pretrain.add_argument("--steps", type=int, default=3, help="timed steps per method and size")
     bench_pretrain.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    bench_finetune = bench_kinds.add_parser("finetune", help="inference with PCAE's token reduction at several "
-                                                             "drop ratios: img/s, FLOPs, speed-up vs FLOP cut")
+    bench_finetune = bench_kinds.add_parser(
+        "finetune",
+        help="inference with PCAE's token reduction at several drop ratios: img/s, FLOPs, speed-up vs FLOP cut",
+    )
     bench_finetune.add_argument("--drop-ratios", default="0,0.1,0.2,0.3,0.4", help="comma-separated, 0 first")
     bench_finetune.add_argument("--size", default="base", help="ViT size (default base)")
     bench_finetune.add_argument("--batch-size", type=int, help="images per forward (default 16 on CPU, 256 on GPU)")
@@ -110,36 +125,55 @@ def build_parser() -> argparse.ArgumentParser:
     bench_ae = bench_kinds.add_parser("ae-losses", help="the six autoencoder procedures: time per step and epoch")
     bench_ae.add_argument("--steps", type=int, default=5, help="timed steps per procedure (alternating)")
     bench_ae.add_argument("--frames", type=int, default=2560, help="LunarLander frames of the timed epoch")
-    bench_ae.add_argument("--data", type=Path, default=Path("data/ll64-bench"),
-                          help="LunarLander set for the epoch timing (generated if missing)")
+    bench_ae.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data/ll64-bench"),
+        help="LunarLander set for the epoch timing (generated if missing)",
+    )
     bench_ae.add_argument("--loss-network", default="efficientnet_lite0")
-    bench_slurm = bench_kinds.add_parser("slurm", help="on a SLURM cluster: submit -> first step, "
-                                                       "USR2 -> first step after the resume")
+    bench_slurm = bench_kinds.add_parser(
+        "slurm", help="on a SLURM cluster: submit -> first step, USR2 -> first step after the resume"
+    )
     bench_slurm.add_argument("--cluster", default="local-test", help="cluster profile (default local-test)")
     bench_slurm.add_argument("--nodes", type=int, default=2)
     bench_slurm.add_argument("--repeats", type=int, default=1, help="jobs measured one after the other")
-    bench_slurm.add_argument("--dir", type=Path, default=Path("/var/tmp"),
-                             help="a folder all nodes share, for the images and runs (default /var/tmp)")
+    bench_slurm.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="a folder all nodes share, for the images and runs (default /var/tmp)",
+    )
     return parser
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_experiment: str) -> None:
     """The arguments every training command shares: experiment, overrides, run dir, SLURM."""
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides of the experiment, e.g. optim.blr=1e-4")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the experiment, e.g. optim.blr=1e-4"
+    )
     parser.add_argument("--experiment", type=Path, help=f"experiment YAML (default: {default_experiment})")
     parser.add_argument("--run-dir", type=Path, help="run directory; an existing run of the same config resumes")
-    parser.add_argument("--local", action="store_true", help="run on this machine (the default while no cluster is named)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config, run directory (and sbatch script), run nothing")
+    parser.add_argument(
+        "--local", action="store_true", help="run on this machine (the default while no cluster is named)"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, run directory (and sbatch script), run nothing",
+    )
     slurm = parser.add_argument_group("SLURM (override the cluster profile)")
     slurm.add_argument("--cluster", help="cluster profile slurm/clusters/NAME.yaml; submits one SLURM job")
     slurm.add_argument("--nodes", type=int, help="nodes of the job (default 1)")
     slurm.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (0: one task per node)")
     slurm.add_argument("--partition", help="SLURM partition")
     slurm.add_argument("--time", help="time limit: minutes, H:MM:SS or D-HH:MM:SS")
-    slurm.add_argument("--max-requeues", type=int, default=10,
-                       help="requeues after preemption/time limit before the job gives up (default 10)")
+    slurm.add_argument(
+        "--max-requeues",
+        type=int,
+        default=10,
+        help="requeues after preemption/time limit before the job gives up (default 10)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,13 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# ----------------------------------------------------------------------------- pretrain
+# ----------------------------------------------------------------------------- training runs
 
 
 def slurm_flags_given(args: argparse.Namespace) -> list[str]:
     """The SLURM flags on this command line that override a cluster profile."""
-    return [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "partition", "time")
-            if getattr(args, k, None) is not None]
+    return [
+        f"--{k.replace('_', '-')}"
+        for k in ("nodes", "gpus_per_node", "partition", "time")
+        if getattr(args, k, None) is not None
+    ]
 
 
 def check_placement(args: argparse.Namespace) -> None:
@@ -174,14 +211,34 @@ def check_placement(args: argparse.Namespace) -> None:
     if getattr(args, "local", False) and (args.cluster or slurm_flags):
         raise ConfigError(f"--local runs on this machine; drop {' '.join(slurm_flags) or '--cluster'} or --local")
     if slurm_flags and not args.cluster:
-        from launcher.slurm import profile_names
+        from launcher.slurm.profiles import profile_names
 
-        raise ConfigError(f"{' '.join(slurm_flags)} need a cluster profile: pass --cluster NAME "
-                          f"(known profiles: {', '.join(profile_names())})")
+        raise ConfigError(
+            f"{' '.join(slurm_flags)} need a cluster profile: pass --cluster NAME "
+            f"(known profiles: {', '.join(profile_names())})"
+        )
+
+
+def on_slurm(args: argparse.Namespace, work) -> int:
+    """Every command that runs on SLURM ends here: one plan, printed (--dry-run) or submitted."""
+    from launcher.slurm.submit import Request, submit
+
+    max_requeues = getattr(args, "max_requeues", None)
+    request = Request(
+        args.cluster,
+        getattr(args, "nodes", None),
+        getattr(args, "gpus_per_node", None),
+        getattr(args, "partition", None),
+        getattr(args, "time", None),
+        10 if max_requeues is None else max_requeues,
+    )
+    text = submit(work, request, dry_run=getattr(args, "dry_run", False)).text
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from launcher.config import default_experiment, load_experiment
+    from launcher.experiment import default_experiment, load_experiment
     from methods import UnknownMethodError, get_method
 
     try:
@@ -191,32 +248,39 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     check_placement(args)
     experiment = args.experiment or default_experiment("pretrain", args.method, local=not args.cluster)
     cfg = load_experiment(experiment, args.overrides, method=args.method)
-    return launch_run(args, cfg, experiment, experiment.stem)
+    # The embedded default: the local experiment, then the demo's probes of what it learnt.
+    demo = args.experiment is None and not args.cluster
+    return launch_run(args, cfg, experiment, experiment.stem, demo=demo)
 
 
 def cmd_downstream(args: argparse.Namespace) -> int:
     """``launch finetune`` / ``launch linprobe``: a pretrained encoder, then the same run machinery."""
-    from launcher import downstream
-    from launcher.config import EXPERIMENTS_DIR, load_experiment
+    from launcher import sources
+    from launcher.config import EXPERIMENTS_DIR
+    from launcher.experiment import experiment_from_dict, load_experiment
 
     check_placement(args)
-    source = downstream.resolve_source(args.source, args.command)
+    source = sources.resolve_source(args.source, args.command)
     if source.run_config is not None and source.run_config["method"]["name"] == args.command:
         # SOURCE is itself a fine-tuning/probe run: evaluate it as it was configured.
         if not args.eval_only:
-            raise ConfigError(f"{args.source} is a {args.command} run, not a pretrained encoder; add --eval-only "
-                              f"to evaluate it, or pass --run-dir {args.source} with its original command to resume it")
+            raise ConfigError(
+                f"{args.source} is a {args.command} run, not a pretrained encoder; add --eval-only "
+                f"to evaluate it, or pass --run-dir {args.source} with its original command to resume it"
+            )
         if args.cluster or args.overrides or args.experiment:
-            raise ConfigError("--eval-only of a run uses its recorded config on this machine; drop --cluster, "
-                              "--experiment and the KEY=VALUE overrides")
-        from launcher.config import experiment_from_dict
-
-        return evaluate_run(experiment_from_dict(source.run_config), args.source)
+            raise ConfigError(
+                "--eval-only of a run uses its recorded config on this machine; drop --cluster, "
+                "--experiment and the KEY=VALUE overrides"
+            )
+        return print_evaluation(experiment_from_dict(source.run_config), args.source)
     if args.eval_only and args.cluster:
         raise ConfigError("--eval-only runs on this machine; drop --cluster and its flags")
     experiment = args.experiment or EXPERIMENTS_DIR / args.command / ("vit_base.yaml" if args.cluster else "local.yaml")
-    flags = [*([f"method.pretrained_encoder={args.encoder}"] if args.encoder else []),
-             *([f"method.keep_ratio={args.keep_ratio}"] if args.keep_ratio is not None else [])]
+    flags = [
+        *([f"method.pretrained_encoder={args.encoder}"] if args.encoder else []),
+        *([f"method.keep_ratio={args.keep_ratio}"] if args.keep_ratio is not None else []),
+    ]
     # The weights decide the architecture; the user's overrides come last.
     cfg = load_experiment(experiment, [*source.overrides, *flags, *args.overrides], method=args.command)
     if args.eval_only:
@@ -226,19 +290,22 @@ def cmd_downstream(args: argparse.Namespace) -> int:
         check_run_dir(run_dir, cfg)
         if args.dry_run:
             return print_dry_run(cfg, experiment, run_dir, False)
-        return evaluate_run(cfg, run_dir)
+        return print_evaluation(cfg, run_dir)
     return launch_run(args, cfg, experiment, source.name)
 
 
-def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool, extra: str = "") -> int:
+def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool) -> int:
     from launcher.config import dump_yaml
 
-    print(f"# experiment: {experiment}\n# run directory: {run_dir}"
-          f"{' (exists: would resume)' if resuming else ''}\n{extra}{dump_yaml(cfg)}", end="")
+    print(
+        f"# experiment: {experiment}\n# run directory: {run_dir}"
+        f"{' (exists: would resume)' if resuming else ''}\n{dump_yaml(cfg)}",
+        end="",
+    )
     return 0
 
 
-def launch_run(args: argparse.Namespace, cfg, experiment: Path, label: str) -> int:
+def launch_run(args: argparse.Namespace, cfg, experiment: Path, label: str, demo: bool = False) -> int:
     """Run ``cfg`` on this machine, or submit it as one SLURM job with ``--cluster``.
 
     The default run directory is named after the command, ``label`` and the time.
@@ -246,151 +313,55 @@ def launch_run(args: argparse.Namespace, cfg, experiment: Path, label: str) -> i
     from launcher.runs import check_run_dir, default_run_dir
 
     if args.cluster:
-        return run_on_slurm(args, cfg, experiment, label)
+        from launcher.slurm.submit import TrainingWork
+
+        return on_slurm(args, TrainingWork(cfg, experiment, args.run_dir, default_run_dir(args.command, label).name))
     run_dir = args.run_dir or default_run_dir(args.command, label)
     resuming = check_run_dir(run_dir, cfg)
     if args.dry_run:
         return print_dry_run(cfg, experiment, run_dir, resuming)
+    if demo:
+        from launcher.demo import run_demo
+
+        return run_demo(cfg, experiment, run_dir, resuming, sys.stdout)
+    from launcher.local import run_training
+    from launcher.runs import describe_eval, read_eval
+
     print(f"experiment {experiment}\nrun directory {run_dir}{' (resuming)' if resuming else ''}", flush=True)
-    return run_training(cfg, run_dir)
-
-
-def run_on_slurm(args: argparse.Namespace, cfg, experiment: Path, label: str) -> int:
-    from launcher import slurm
-    from launcher.runs import check_run_dir, default_run_dir, write_config
-
-    profile = slurm.load_profile(args.cluster)
-    res = slurm.resolve_resources(args.cluster, profile, args.nodes, args.gpus_per_node, args.partition,
-                                  None if args.time is None else slurm.parse_time(args.time))
-    if args.max_requeues < 0:
-        raise ConfigError("--max-requeues must be >= 0")
-    world = res.nodes * res.tasks_per_node
-    if cfg.train.global_batch_size % (cfg.train.micro_batch_size * world):
-        raise ConfigError(f"train.global_batch_size ({cfg.train.global_batch_size}) is not a multiple of "
-                          f"train.micro_batch_size x processes ({cfg.train.micro_batch_size} x {world}); "
-                          f"change one of them or the number of nodes/GPUs")
-    run_dir = (args.run_dir or Path(profile.runs_dir) / default_run_dir(args.command, label).name)
-    run_dir = Path(run_dir).resolve()
-    slurm.check_shared(run_dir, "run directory")
-    resuming = check_run_dir(run_dir, cfg)
-    if args.dry_run:
-        if shutil.which("sbatch"):
-            slurm.check_partition(res)
-        script = slurm.render_sbatch(profile, res, run_dir, f"launch-{cfg.method.name}", args.max_requeues)
-        print_dry_run(cfg, experiment, run_dir, resuming,
-                      f"# cluster {res.cluster}: {res.nodes} node(s) x {res.tasks_per_node} task(s), "
-                      f"partition {res.partition}, {res.time_min} min\n")
-        print(f"# sbatch script\n{script}", end="")
-        return 0
-    slurm.check_cluster(res)
-    if resuming and (run_dir / slurm.LAUNCH_JSON).is_file():
-        slurm.check_not_active(run_dir)
-    write_config(run_dir, cfg)
-    job_id = slurm.submit(cfg, run_dir, profile, res, args.max_requeues)
-    print(f"submitted job {job_id} to {res.cluster} ({res.nodes} node(s), partition {res.partition})\n"
-          f"run directory {run_dir}{' (resuming)' if resuming else ''}\n"
-          f"  launch status {run_dir}\n  launch logs {run_dir} -f\n  launch cancel {run_dir}")
-    return 0
-
-
-def run_training(cfg, run_dir: Path) -> int:
-    from launcher.runs import read_eval
-    from launcher.trainer import Trainer
-
-    trainer = Trainer(cfg, run_dir)
-    trainer.resume()
-
-    def stop(signum: int, frame) -> None:
-        log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
-        trainer.request_stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(sig, stop)
-    result = trainer.fit()
+    _, result = run_training(cfg, run_dir)
     if not result.finished:
-        print(f"stopped at step {result.step}/{result.total_steps}; run the same command with "
-              f"--run-dir {run_dir} to resume")
+        print(
+            f"stopped at step {result.step}/{result.total_steps}; run the same command with "
+            f"--run-dir {run_dir} to resume"
+        )
         return 0
     print(f"finished {result.step} steps in {run_dir}")
     if cfg.eval.data is not None:
-        print(format_eval(read_eval(run_dir)))
-    if cfg.probe.enabled and trainer.accelerator.is_main_process:
-        report_probe(cfg, run_dir, trainer.accelerator.unwrap_model(trainer.model), result.step)
-    if cfg.probe.linprobe and trainer.accelerator.is_main_process:
-        demo_linprobe(cfg, run_dir)
+        print(describe_eval(read_eval(run_dir)))
     return 0
 
 
-def evaluate_run(cfg, run_dir: Path) -> int:
+def print_evaluation(cfg, run_dir: Path) -> int:
     """Evaluate the newest checkpoint of ``run_dir``, or the model as built when it has none."""
-    from launcher.trainer import Trainer
+    from launcher import checkpoint
+    from launcher.local import evaluate_run
+    from launcher.runs import describe_eval
 
-    trainer = Trainer(cfg, run_dir)
-    if not trainer.resume():
+    if checkpoint.latest_valid(run_dir) is None:
         print(f"no checkpoint in {run_dir}: evaluating the model as loaded from {cfg.method.pretrained}", flush=True)
-    print(format_eval(trainer.evaluate()))
+    print(describe_eval(evaluate_run(cfg, run_dir)))
     return 0
-
-
-def format_eval(record: dict | None) -> str:
-    if record is None:
-        return "no evaluation recorded"
-    shown = {k: v for k, v in record.items() if k not in ("step", "epoch", "seconds")}
-    return (f"evaluation at step {record['step']} ({record['seconds']:.1f} s): "
-            + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-
-
-def demo_linprobe(cfg, run_dir: Path) -> None:
-    """The local demo's last part: ``launch linprobe RUN`` with ``probe.linprobe``'s experiment."""
-    from launcher import downstream
-    from launcher.config import REPO_ROOT, load_experiment
-    from launcher.runs import read_eval
-
-    experiment = REPO_ROOT / cfg.probe.linprobe
-    source = downstream.resolve_source(run_dir, "linprobe")
-    probe_cfg = load_experiment(experiment, source.overrides, method="linprobe")
-    probe_dir = run_dir / "linprobe"
-    head = "BatchNorm + linear head" if probe_cfg.method.head_batchnorm else "linear head"
-    print(f"\nLinear probe of the frozen encoder ({probe_cfg.method.pool} pooling, {head}, "
-          f"{probe_cfg.optim.name}) from {cfg.probe.linprobe}, run directory {probe_dir}", flush=True)
-    run_training(probe_cfg, probe_dir)
-    record = read_eval(probe_dir)
-    if record is not None and "r2" in record:
-        names = {0: "x", 1: "y"} if probe_cfg.data.name == "lunarlander" else {}
-        columns = " ".join(f"R2({names.get(int(k[3:]), k[3:])}) {v:.3f}" for k, v in record.items()
-                           if k.startswith("r2_"))
-        print(f"linear probe of the pretrained encoder on held-out frames: {columns}, mean {record['r2']:.3f}")
-
-
-def report_probe(cfg, run_dir: Path, trained, num_steps: int) -> None:
-    import torch
-
-    from launcher.probe import probe_encoders
-    from methods import build_method
-
-    torch.manual_seed(cfg.train.seed)  # the same initialisation the run started from
-    initial = build_method(cfg.method).to(next(trained.parameters()).device)
-    scores = probe_encoders(cfg, {"pretrained": trained, "random init": initial})
-    (run_dir / "probe.json").write_text(json.dumps({"targets": list(cfg.probe.targets), "r2": scores}, indent=2))
-    names = {0: "x", 1: "y"} if cfg.data.name == "lunarlander" else {}
-    columns = [f"R2({names.get(t, t)})" for t in cfg.probe.targets]
-    print(f"\nRidge probe of label columns {list(cfg.probe.targets)} on frozen embeddings "
-          f"(held-out episodes):")
-    print(f"  {'encoder':<28}" + "".join(f"{c:>9}" for c in columns) + f"{'mean':>9}")
-    labels = {"pretrained": f"{cfg.method.name} after {num_steps} steps", "random init": "same encoder, random init"}
-    for name, r2 in scores.items():
-        print(f"  {labels[name]:<28}" + "".join(f"{v:>9.3f}" for v in r2) + f"{sum(r2) / len(r2):>9.3f}")
 
 
 # ----------------------------------------------------------------------------- data, bench
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from launcher.lunarlander import generate_lunarlander
+    from launcher.data.lunarlander import generate_lunarlander
 
-    out = generate_lunarlander(args.out, args.frames, size=args.size, agent=args.agent,
-                               num_workers=args.workers, seed=args.seed)
+    out = generate_lunarlander(
+        args.out, args.frames, size=args.size, agent=args.agent, num_workers=args.workers, seed=args.seed
+    )
     print(f"wrote {args.frames} frames to {out}")
     return 0
 
@@ -406,48 +377,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def format_status(status: dict) -> str:
     loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
-    line = (f"{status['run_dir']}: job {status['job_id']} on {status['cluster']} {status['state']}, "
-            f"step {status['step'] if status['step'] is not None else '-'}, loss {loss}, "
-            f"restarts {status['restarts']}")
+    line = (
+        f"{status['run_dir']}: job {status['job_id']} on {status['cluster']} {status['state']}, "
+        f"step {status['step'] if status['step'] is not None else '-'}, loss {loss}, "
+        f"restarts {status['restarts']}"
+    )
     if status["last_error"]:
         line += f"\n  last error: {status['last_error']}"
     return line
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from launcher import slurm
+    from launcher.slurm import control
 
-    runs = [args.run] if args.run else slurm.find_runs()
+    runs = [args.run] if args.run else control.find_runs()
     if not runs:
         print("no SLURM runs found under the profiles' runs_dir")
     for run in runs:
-        print(format_status(slurm.run_status(run)))
+        print(format_status(control.run_status(run)))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from launcher import slurm
+    from launcher.slurm.submit import ResumeWork
 
-    job_id = slurm.resume(args.run, args.max_requeues)
-    print(f"submitted job {job_id}; run directory {Path(args.run).resolve()} resumes from its newest checkpoint")
-    return 0
+    work = ResumeWork(args.run, args.max_requeues)
+    args.cluster = work.record.get("cluster")
+    return on_slurm(args, work)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from launcher import slurm
+    from launcher.slurm import control
 
-    cancelled = slurm.cancel(args.run)
+    cancelled = control.cancel(args.run)
     print(f"cancelled job(s) {', '.join(cancelled)}" if cancelled else "no active job to cancel")
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from launcher import slurm
+    from launcher.slurm import control
 
-    path = slurm.log_path(args.run, args.rank)
+    path = control.log_path(args.run, args.rank)
     if args.follow:
         try:
-            slurm.follow(path, args.run)
+            control.follow(path, args.run)
         except KeyboardInterrupt:
             pass
         return 0
@@ -458,69 +431,35 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from launcher.tune import TUNE_DIR, load_sweep, run_sweep, sweep_dir
+    from launcher.studies import ae_losses
 
     slurm_flags = slurm_flags_given(args)
     if args.address and (args.cluster or slurm_flags):
-        raise ConfigError(f"--address runs the sweep on an existing Ray cluster, "
-                          f"{' '.join(slurm_flags) or '--cluster'} start one in a SLURM job; pass one or the other")
+        raise ConfigError(
+            f"--address runs the sweep on an existing Ray cluster, "
+            f"{' '.join(slurm_flags) or '--cluster'} start one in a SLURM job; pass one or the other"
+        )
     check_placement(args)
-    experiment = args.experiment or TUNE_DIR / "ae_losses.yaml"
-    sweep = load_sweep(experiment, args.dataset)
+    experiment = args.experiment or ae_losses.TUNE_DIR / "ae_losses.yaml"
+    sweep = ae_losses.load_sweep(experiment, args.dataset)
     if args.cluster:
-        return tune_on_slurm(args, sweep, experiment)
+        from launcher.slurm.submit import SweepWork
+
+        return on_slurm(args, SweepWork(args.study, sweep, experiment, args.storage, args.resume))
     storage = args.storage or Path("runs/tune")
-    path = sweep_dir(sweep, storage)
+    path = sweep.directory(storage)
     if args.resume and not path.exists():
         raise ConfigError(f"--resume: there is no sweep at {path} to resume; run without --resume to start it")
-    trials = sweep.num_trials
-    print(f"sweep {sweep.name}: {trials} trials from {experiment}, in {path}", flush=True)
+    print(f"sweep {sweep.name}: {sweep.num_trials} trials from {experiment}, in {path}", flush=True)
     if args.dry_run:
         return 0
-    run_sweep(sweep, storage, args.address)
+    ae_losses.run(sweep, storage, args.address)
     print(f"done; `launch report {path}` writes the table and plots")
     return 0
 
 
-def tune_on_slurm(args: argparse.Namespace, sweep, experiment: Path) -> int:
-    """Submit one SLURM job of N nodes that starts a Ray cluster and runs the sweep on it."""
-    from launcher import slurm
-    from launcher.tune import check_sweep_dir, sweep_dir, write_sweep_file
-
-    profile = slurm.load_profile(args.cluster)
-    res = slurm.resolve_resources(args.cluster, profile, args.nodes, None, args.partition,
-                                  None if args.time is None else slurm.parse_time(args.time))
-    storage = Path(args.storage or profile.runs_dir).resolve()
-    slurm.check_shared(storage, "sweep storage (--storage)")
-    path = sweep_dir(sweep, storage)
-    resuming = check_sweep_dir(sweep, path)
-    if args.resume and not resuming:
-        raise ConfigError(f"--resume: there is no sweep at {path} to resume; run without --resume to start it")
-    trials = sweep.num_trials
-    job_name = f"launch-tune-{sweep.name}"
-    if args.dry_run:
-        if shutil.which("sbatch"):
-            slurm.check_partition(res)
-        script = slurm.render_sweep_sbatch(profile, res, path, job_name)
-        print(f"# sweep {sweep.name}: {trials} trials from {experiment}\n# sweep directory: {path}"
-              f"{' (exists: would restore)' if resuming else ''}\n"
-              f"# cluster {res.cluster}: a Ray cluster of {res.nodes} node(s), partition {res.partition}, "
-              f"{res.time_min} min\n# sbatch script\n{script}", end="")
-        return 0
-    slurm.check_cluster(res)
-    if resuming and (path / slurm.LAUNCH_JSON).is_file():
-        slurm.check_not_active(path)
-    write_sweep_file(sweep, path)
-    job_id = slurm.submit_sweep(path, storage, profile, res, job_name)
-    print(f"submitted job {job_id} to {res.cluster} (a Ray cluster of {res.nodes} node(s), partition "
-          f"{res.partition}): sweep {sweep.name}, {trials} trials{' (restoring)' if resuming else ''}\n"
-          f"sweep directory {path}\n  launch status {path}\n  launch logs {path} -f\n  launch cancel {path}\n"
-          f"  launch report {path}   # once it has finished")
-    return 0
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    from launcher.report import write_report
+    from launcher.studies.ae_losses_report import write_report
 
     path = write_report(args.sweep)
     print(path.read_text())
@@ -528,9 +467,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_downstream, "linprobe": cmd_downstream, "data": cmd_data,
-            "bench": cmd_bench, "status": cmd_status, "resume": cmd_resume, "cancel": cmd_cancel, "logs": cmd_logs,
-            "tune": cmd_tune, "report": cmd_report}
+COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "finetune": cmd_downstream,
+    "linprobe": cmd_downstream,
+    "data": cmd_data,
+    "bench": cmd_bench,
+    "status": cmd_status,
+    "resume": cmd_resume,
+    "cancel": cmd_cancel,
+    "logs": cmd_logs,
+    "tune": cmd_tune,
+    "report": cmd_report,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,9 +29,11 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = (mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD)
-          and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-          and mallopt(_M_TOP_PAD, 256 * 1024 * 1024))
+    ok = (
+        mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD)
+        and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        and mallopt(_M_TOP_PAD, 256 * 1024 * 1024)
+    )
     if not ok:
         log.debug("mallopt refused the allocator settings")
     return bool(ok)

@@ -7,23 +7,48 @@ A method that can be evaluated has ``cfg.task`` (``"classification"`` or ``"regr
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from launcher.config import DataConfig
-from launcher.data import SeededDataset, build_base_dataset, build_transform, collate
+from launcher.data import DataConfig, open_dataset
+from launcher.data.sampling import SeededDataset, collate
+from launcher.data.transforms import build_transform
+from launcher.scores import r2_from_sums
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a fine-tuned or probed model on a held-out set, at the end of training.
+
+    ``data`` holds only the keys that differ from the experiment's ``data`` section (e.g.
+    ``split: test`` or another ``root``); unset, there is no evaluation.
+    """
+
+    data: DataConfig | None = None
+    every_epochs: int = 0  # also evaluate every this many epochs; 0: only at the end
+    batch_size: int = 256  # per process
+
+    def __post_init__(self) -> None:
+        if self.every_epochs < 0 or self.batch_size <= 0:
+            raise ValueError("eval.every_epochs must be >= 0 and eval.batch_size > 0")
 
 
 def build_eval_loader(data: DataConfig, img_size: int, batch_size: int, rank: int, world_size: int) -> DataLoader:
-    base = build_base_dataset(data, img_size)
+    base = open_dataset(data, img_size)
     dataset = SeededDataset(base, build_transform(data, img_size, train=False), seed=0)
     keys = [(index, 0) for index in range(rank, len(base), world_size)]
-    return DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=data.num_workers,
-                      collate_fn=collate, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=keys,
+        num_workers=data.num_workers,
+        collate_fn=collate,
+        persistent_workers=False,
+    )
 
 
 @torch.no_grad()
@@ -40,18 +65,24 @@ def evaluate(method: nn.Module, loader: DataLoader, device: torch.device, all_re
             if task == "classification":
                 top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
                 hits = top5 == labels.unsqueeze(1)
-                part = torch.stack([
-                    torch.tensor(float(len(labels)), device=device, dtype=torch.float64),
-                    F.cross_entropy(outputs, labels, reduction="sum"),
-                    hits[:, 0].sum().double(),
-                    hits.any(dim=1).sum().double(),
-                ])
+                part = torch.stack(
+                    [
+                        torch.tensor(float(len(labels)), device=device, dtype=torch.float64),
+                        F.cross_entropy(outputs, labels, reduction="sum"),
+                        hits[:, 0].sum().double(),
+                        hits.any(dim=1).sum().double(),
+                    ]
+                )
             else:
                 y = method.targets_of(labels).double()
-                part = torch.cat([
-                    torch.tensor([float(len(y))], device=device, dtype=torch.float64),
-                    ((outputs - y) ** 2).sum(0), y.sum(0), (y**2).sum(0),
-                ])
+                part = torch.cat(
+                    [
+                        torch.tensor([float(len(y))], device=device, dtype=torch.float64),
+                        ((outputs - y) ** 2).sum(0),
+                        y.sum(0),
+                        (y**2).sum(0),
+                    ]
+                )
             sums = part if sums is None else sums + part
     finally:
         method.train(was_training)
@@ -60,11 +91,18 @@ def evaluate(method: nn.Module, loader: DataLoader, device: torch.device, all_re
     sums = all_reduce_sum(sums).cpu()
     n = float(sums[0])
     if task == "classification":
-        return {"samples": n, "loss": float(sums[1]) / n, "acc1": 100 * float(sums[2]) / n,
-                "acc5": 100 * float(sums[3]) / n}
+        return {
+            "samples": n,
+            "loss": float(sums[1]) / n,
+            "acc1": 100 * float(sums[2]) / n,
+            "acc5": 100 * float(sums[3]) / n,
+        }
     k = (len(sums) - 1) // 3
-    sse, total, squares = sums[1:1 + k], sums[1 + k:1 + 2 * k], sums[1 + 2 * k:]
-    sst = squares - total**2 / n
-    r2 = [1.0 - float(e) / float(t) if t > 0 else math.nan for e, t in zip(sse, sst)]
-    return {"samples": n, "mse": float(sse.sum()) / (n * k), "r2": sum(r2) / k,
-            **{f"r2_{column}": value for column, value in zip(method.cfg.targets, r2)}}
+    sse, total, squares = sums[1 : 1 + k], sums[1 + k : 1 + 2 * k], sums[1 + 2 * k :]
+    r2 = r2_from_sums(sse, total, squares, n).tolist()
+    return {
+        "samples": n,
+        "mse": float(sse.sum()) / (n * k),
+        "r2": sum(r2) / k,
+        **{f"r2_{column}": value for column, value in zip(method.cfg.targets, r2)},
+    }

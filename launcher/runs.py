@@ -1,7 +1,8 @@
 """Run directories: the resolved config, logs and metrics of one run.
 
 ``RUN/config.yaml`` is the resolved experiment; ``RUN/metrics.jsonl`` one JSON line per
-logged step; ``RUN/eval.json`` the newest evaluation (``RUN/eval.jsonl`` all of them); ``RUN/tb/`` TensorBoard events; ``RUN/logs/rank_K.log`` every rank's log;
+logged step; ``RUN/eval.json`` the newest evaluation (``RUN/eval.jsonl`` all of them);
+``RUN/tb/`` TensorBoard events; ``RUN/logs/rank_K.log`` every rank's log;
 ``RUN/checkpoints/`` see ``checkpoint.py``. A run directory belongs to one config:
 starting the same config in it again resumes; a different config is refused.
 """
@@ -14,12 +15,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from launcher.config import ExperimentConfig, dump_yaml, to_dict
+from launcher.config import dump_yaml, to_dict
 from launcher.errors import RunDirError
+
+if TYPE_CHECKING:
+    from launcher.experiment import ExperimentConfig
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -59,8 +63,9 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
         )
     parent = run_dir if run_dir.exists() else next(p for p in run_dir.parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise RunDirError(f"cannot write the run directory {run_dir}: {parent} is not writable. "
-                          f"Pass a --run-dir you can write to.")
+        raise RunDirError(
+            f"cannot write the run directory {run_dir}: {parent} is not writable. Pass a --run-dir you can write to."
+        )
     return False
 
 
@@ -98,8 +103,11 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int) -> None:
         self.path = run_dir / METRICS
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
@@ -132,6 +140,16 @@ def write_eval(run_dir: Path, record: dict[str, Any]) -> None:
 def read_eval(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / EVAL
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def describe_eval(record: dict[str, Any] | None) -> str:
+    """One line for an evaluation record (``read_eval``)."""
+    if record is None:
+        return "no evaluation recorded"
+    shown = {k: v for k, v in record.items() if k not in ("step", "epoch", "seconds")}
+    return f"evaluation at step {record['step']} ({record['seconds']:.1f} s): " + ", ".join(
+        f"{k} {v:.4g}" for k, v in shown.items()
+    )
 
 
 def last_evaluated_step(run_dir: Path) -> int | None:

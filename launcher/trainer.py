@@ -2,14 +2,15 @@
 
 The trainer knows methods only through their contract (``forward(batch) -> {"loss",
 ...}``, optional ``on_step_end(step, total_steps)``) and knows nothing of SLURM or Ray:
-whoever launches it sets the torch.distributed environment and may call
-``request_stop()`` from a signal handler. Every schedule is a function of the global
+whoever launches it sets the torch.distributed environment and passes a ``StopRequest``
+that its signal handlers set (``launcher/stopping.py``). Every schedule is a function of the global
 step, and the data pipeline is a function of (seed, epoch, index), so the state to
 resume is Accelerate's (model, optimizer, scaler, RNG) plus three integers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from accelerate import Accelerator
@@ -25,15 +27,80 @@ from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 from launcher import checkpoint
-from launcher.config import ExperimentConfig, OptimConfig
 from launcher.cpu_allocator import keep_freed_memory
-from launcher.data import ResumableSampler, SeededDataset, build_base_dataset, build_loader, build_transform
+from launcher.data import open_dataset
+from launcher.data.sampling import ResumableSampler, SeededDataset, build_loader
+from launcher.data.transforms import build_transform
 from launcher.errors import ConfigError, DataError, UserError
 from launcher.evaluate import build_eval_loader, evaluate
-from launcher.runs import MetricsLog, last_evaluated_step, setup_logging, write_config, write_eval
+from launcher.runs import CONFIG, MetricsLog, last_evaluated_step, setup_logging, write_config, write_eval
+from launcher.stopping import StopRequest
 from methods import build_method
 
+if TYPE_CHECKING:
+    from launcher.experiment import ExperimentConfig
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (or LARS) with a per-step linear warmup and half-cosine decay."""
+
+    name: Literal["adamw", "lars"] = "adamw"  # lars: MAE's linear probe (momentum, trust 0.001)
+    blr: float = 1.5e-4  # lr = blr * global_batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, ...] = (0.9, 0.95)
+    warmup_epochs: float = 40.0
+    clip_grad: float | None = None
+    layer_decay: float | None = None  # layer-wise lr decay (MAE fine-tuning: 0.65); needs a ViT method
+    momentum: float = 0.9  # lars only
+
+    def __post_init__(self) -> None:
+        if self.blr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
+            raise ValueError("optim.blr must be > 0; optim.min_lr and optim.weight_decay >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError("optim.clip_grad must be > 0, or null to turn clipping off")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay must be in (0, 1], or null, got {self.layer_decay}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how big, how often to log and checkpoint."""
+
+    num_epochs: int = 400
+    global_batch_size: int = 4096  # summed over processes and accumulation steps
+    micro_batch_size: int = 64  # per process per forward pass
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    log_every: int = 20
+    checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at the end
+    num_checkpoints_kept: int = 2
+
+    def __post_init__(self) -> None:
+        for key in (
+            "num_epochs",
+            "global_batch_size",
+            "micro_batch_size",
+            "log_every",
+            "checkpoint_every",
+            "num_checkpoints_kept",
+        ):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be positive, got {getattr(self, key)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
 
 
 class DivergedError(UserError):
@@ -47,19 +114,35 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     epoch: int = 0
     step_in_epoch: int = 0
+    train_seconds: float = 0.0  # wall time of the steps that led here, over every attempt
+    loss: float | None = None  # of the last step
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+    def state_dict(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
 class FitResult:
+    """Where a ``fit()`` left the run, and what it cost."""
+
     step: int
     total_steps: int
+    steps_per_epoch: int
+    global_batch_size: int
+    train_seconds: float  # wall time of every step so far (data loading included), over all attempts
+    loss: float | None  # of the last step
 
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
+
+    @property
+    def samples(self) -> int:
+        return self.step * self.global_batch_size
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.train_seconds * self.steps_per_epoch / self.step if self.step else 0.0
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
@@ -87,23 +170,32 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     if cfg.layer_decay is not None:
         if not hasattr(model, "group_matcher"):
-            raise ConfigError("optim.layer_decay needs a method with numbered layers (finetune, linprobe); "
-                              "set optim.layer_decay=null for this one")
-        groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=skip,
-                                          layer_decay=cfg.layer_decay)
+            raise ConfigError(
+                "optim.layer_decay needs a method with numbered layers (finetune, linprobe); "
+                "set optim.layer_decay=null for this one"
+            )
+        groups = param_groups_layer_decay(
+            model, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay
+        )
     else:
         groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
     if cfg.name == "lars":  # split every group into matrices (adapted) and the rest (plain momentum SGD)
-        groups = [{**group, "params": params, "always_adapt": matrices}
-                  for group in groups for matrices in (True, False)
-                  if (params := [p for p in group["params"] if (p.ndim > 1) == matrices])]
+        groups = [
+            {**group, "params": params, "always_adapt": matrices}
+            for group in groups
+            for matrices in (True, False)
+            if (params := [p for p in group["params"] if (p.ndim > 1) == matrices])
+        ]
         return Lars(groups, lr=0.0, momentum=cfg.momentum, trust_coeff=0.001)
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas))
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Trains ``cfg`` in ``run_dir``; ``stop`` is shared with the signal handlers of whoever runs it."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, stop: StopRequest | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.stop = stop or StopRequest()
         train = cfg.train
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
@@ -130,16 +222,18 @@ class Trainer:
             model = build_method(cfg.method)
         except ValueError as e:  # e.g. a loss network whose weights are not on this machine
             raise ConfigError(f"cannot build method {cfg.method.name!r}: {e}") from None
-        with acc.main_process_first():  # rank 0 may have to generate the data sets first
-            base = build_base_dataset(cfg.data, cfg.method.img_size)
+        with acc.main_process_first():  # rank 0 first: SVHN converts its .mat files on first use
+            base = open_dataset(cfg.data, cfg.method.img_size)
             self.eval_loader = None
             if cfg.eval.data is not None:
                 if not hasattr(model, "predict"):
-                    raise ConfigError(f"method {cfg.method.name!r} has no predictions to evaluate; "
-                                      f"remove the eval section")
+                    raise ConfigError(
+                        f"method {cfg.method.name!r} has no predictions to evaluate; remove the eval section"
+                    )
                 try:
-                    self.eval_loader = build_eval_loader(cfg.eval.data, cfg.method.img_size, cfg.eval.batch_size,
-                                                         acc.process_index, acc.num_processes)
+                    self.eval_loader = build_eval_loader(
+                        cfg.eval.data, cfg.method.img_size, cfg.eval.batch_size, acc.process_index, acc.num_processes
+                    )
                 except DataError as e:
                     raise DataError(f"evaluation set (eval.data, the keys that differ from data): {e}") from None
         if len(base) < train.global_batch_size:
@@ -147,14 +241,21 @@ class Trainer:
                 f"the data set has {len(base)} samples, fewer than one global batch "
                 f"({train.global_batch_size}); lower train.global_batch_size"
             )
-        # Only now, with the config and data known to be good, is the run directory written.
-        if acc.is_main_process:
+        # Only now, with the config and data known to be good, is the run directory written
+        # (a SLURM submission has written its config.yaml already: the job reads it).
+        if acc.is_main_process and not (self.run_dir / CONFIG).is_file():
             write_config(self.run_dir, cfg)
         acc.wait_for_everyone()
         setup_logging(self.run_dir, acc.process_index)
         dataset = SeededDataset(base, build_transform(cfg.data, cfg.method.img_size), train.seed)
-        self.sampler = ResumableSampler(len(dataset), train.micro_batch_size, self.accumulation_steps,
-                                        acc.process_index, acc.num_processes, train.seed)
+        self.sampler = ResumableSampler(
+            len(dataset),
+            train.micro_batch_size,
+            self.accumulation_steps,
+            acc.process_index,
+            acc.num_processes,
+            train.seed,
+        )
         self.loader = build_loader(dataset, self.sampler, cfg.data.num_workers, acc.device.type == "cuda")
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = train.num_epochs * self.steps_per_epoch
@@ -165,14 +266,21 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.state = TrainState()
         self.saved_step: int | None = None  # step of the newest checkpoint on disk
-        self.stop_requested = False  # set by request_stop(), on this rank only
-        self.stop_agreed = False  # the all-reduced flag: every rank stops at the same step
+        self.stop_agreed = False  # the all-reduced stop flag: every rank stops at the same step
 
-        log.info("method %s: %.1fM trainable parameters; %d processes x %d micro-batch x %d accumulation "
-                 "= global batch %d; %d steps/epoch, %d steps; lr %.3g",
-                 cfg.method.name, sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-                 acc.num_processes, train.micro_batch_size, self.accumulation_steps,
-                 train.global_batch_size, self.steps_per_epoch, self.total_steps, self.base_lr)
+        log.info(
+            "method %s: %.1fM trainable parameters; %d processes x %d micro-batch x %d accumulation "
+            "= global batch %d; %d steps/epoch, %d steps; lr %.3g",
+            cfg.method.name,
+            sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+            acc.num_processes,
+            train.micro_batch_size,
+            self.accumulation_steps,
+            train.global_batch_size,
+            self.steps_per_epoch,
+            self.total_steps,
+            self.base_lr,
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -182,7 +290,7 @@ class Trainer:
         if path is None:
             return False
         self.accelerator.load_state(str(path))
-        self.state = TrainState(**checkpoint.read_trainer_state(path))
+        self.state = TrainState(**checkpoint.read_trainer_state(path))  # train_seconds: 0 if older
         self.saved_step = self.state.step
         log.info("resumed from %s (step %d, epoch %d)", path, self.state.step, self.state.epoch)
         return True
@@ -210,23 +318,40 @@ class Trainer:
         """Evaluate on ``eval.data`` (each process takes its share); rank 0 writes ``eval.json``."""
         acc = self.accelerator
         if self.eval_loader is None:
-            raise ConfigError("there is no evaluation set: set eval.data to the keys that differ from data "
-                              "(e.g. eval.data.split=test, or eval.data.root=/data/imagenet/val)")
+            raise ConfigError(
+                "there is no evaluation set: set eval.data to the keys that differ from data "
+                "(e.g. eval.data.split=test, or eval.data.root=/data/imagenet/val)"
+            )
         start = time.perf_counter()
-        metrics = evaluate(acc.unwrap_model(self.model), self.eval_loader, acc.device,
-                           lambda sums: acc.reduce(sums, reduction="sum"))
-        record = {"step": self.state.step, "epoch": self.state.epoch, **metrics,
-                  "seconds": round(time.perf_counter() - start, 3)}
+        metrics = evaluate(
+            acc.unwrap_model(self.model), self.eval_loader, acc.device, lambda sums: acc.reduce(sums, reduction="sum")
+        )
+        record = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            **metrics,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
         if acc.is_main_process:
             write_eval(self.run_dir, record)
-        log.info("evaluation at step %d: %s", self.state.step,
-                 ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        log.info("evaluation at step %d: %s", self.state.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         acc.wait_for_everyone()
         return record
 
     def request_stop(self) -> None:
         """Ask the loop to checkpoint and return at the next step boundary (signal-safe)."""
-        self.stop_requested = True
+        if not self.stop.requested:
+            self.stop.signal = "request_stop()"
+
+    def result(self) -> FitResult:
+        return FitResult(
+            self.state.step,
+            self.total_steps,
+            self.steps_per_epoch,
+            self.cfg.train.global_batch_size,
+            self.state.train_seconds,
+            self.state.loss,
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -241,8 +366,14 @@ class Trainer:
             from tqdm.auto import tqdm
 
             tensorboard = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.state.step + 1)
-            progress = tqdm(total=self.total_steps, initial=self.state.step, desc=cfg.method.name,
-                            unit="step", dynamic_ncols=True, mininterval=2.0)
+            progress = tqdm(
+                total=self.total_steps,
+                initial=self.state.step,
+                desc=cfg.method.name,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=2.0,
+            )
         self.model.train()
         method = acc.unwrap_model(self.model)
         try:
@@ -263,7 +394,7 @@ class Trainer:
                         self.save_checkpoint()
                     if self.stop_agreed:
                         log.info("stopping at step %d as requested", self.state.step)
-                        return FitResult(self.state.step, self.total_steps)
+                        return self.result()
                 if self.state.step_in_epoch == self.steps_per_epoch:
                     self.state.epoch += 1
                     self.state.step_in_epoch = 0
@@ -275,7 +406,7 @@ class Trainer:
             if self.state.step == self.total_steps and self.eval_loader is not None:
                 if last_evaluated_step(self.run_dir) != self.state.step:
                     self.evaluate()
-            return FitResult(self.state.step, self.total_steps)
+            return self.result()
         finally:
             if acc.is_main_process:
                 progress.close()
@@ -307,11 +438,13 @@ class Trainer:
         # One collective per step: the mean of every logged scalar over micro-batches and
         # ranks, plus the stop flag, so that every rank takes the same decision.
         keys = sorted(sums)
-        packed = torch.stack([sums[k] / self.accumulation_steps for k in keys]
-                             + [torch.tensor(float(self.stop_requested), device=acc.device)])
+        packed = torch.stack(
+            [sums[k] / self.accumulation_steps for k in keys]
+            + [torch.tensor(float(self.stop.requested), device=acc.device)]
+        )
         packed = acc.reduce(packed, reduction="mean")
         values = dict(zip(keys, packed[:-1].tolist()))
-        # Decide on the reduced flag only: a signal handler may set stop_requested on this rank
+        # Decide on the reduced flag only: a signal handler may set the stop request on this rank
         # after the reduce, and acting on it would leave the other ranks in the next step.
         self.stop_agreed = bool(packed[-1] > 0)
         if not math.isfinite(values["loss"]):
@@ -332,6 +465,8 @@ class Trainer:
             method.on_step_end(self.state.step, self.total_steps)
 
         step_time = time.perf_counter() - start
+        self.state.train_seconds += step_time
+        self.state.loss = values["loss"]
         return {
             "step": self.state.step,
             "epoch": self.state.epoch,

@@ -3,6 +3,7 @@
 Importing this package registers every method; ``launcher/`` builds them by name.
 """
 
+from methods import autoencoders, classifier, mae, pcae  # noqa: F401  (registers the methods)
 from methods.registry import (
     MethodConfig,
     UnknownMethodError,
@@ -11,7 +12,6 @@ from methods.registry import (
     method_names,
     register_method,
 )
-from methods import autoencoders, classifier, mae, pcae  # noqa: F401  (registers the methods)
 
 __all__ = [
     "MethodConfig",

@@ -53,6 +53,11 @@ class Procedure:
     def uses_loss_network(self) -> bool:
         return self.encodes == "features" or self.loss != "pw"
 
+    @property
+    def label(self) -> str:
+        """The papers' name: input - output - loss, e.g. ``I-F-FP``."""
+        return f"{self.encodes[0].upper()}-{self.decodes[0].upper()}-{self.loss.upper()}"
+
 
 PROCEDURES: dict[str, Procedure] = {
     "ae_iipw": Procedure("image", "image", "pw"),
@@ -87,7 +92,6 @@ class AutoencoderConfig(MethodConfig):
     ignores the ``loss_network*`` fields.
     """
 
-    name: str = ""
     img_size: int = 64
     in_chans: int = 3
     z: int = 64
@@ -135,42 +139,10 @@ class AutoencoderConfig(MethodConfig):
         return self.gamma > 0
 
     @classmethod
-    def tiny(cls) -> AutoencoderConfig:
+    def tiny(cls, **fields) -> AutoencoderConfig:
         """64 px with narrow layers and a small latent, but the real (offline) loss network."""
-        return cls(z=8, encoder_channels=(8, 8, 16, 16), decoder_channels=(32, 16, 8, 8), feature_hidden=32)
-
-
-# One config class per registered name, so ``get_method(name).config()`` is that procedure.
-
-
-@dataclass
-class IIPWConfig(AutoencoderConfig):
-    name: str = "ae_iipw"
-
-
-@dataclass
-class IIPSConfig(AutoencoderConfig):
-    name: str = "ae_iips"
-
-
-@dataclass
-class IFFPConfig(AutoencoderConfig):
-    name: str = "ae_iffp"
-
-
-@dataclass
-class FIPWConfig(AutoencoderConfig):
-    name: str = "ae_fipw"
-
-
-@dataclass
-class FIPSConfig(AutoencoderConfig):
-    name: str = "ae_fips"
-
-
-@dataclass
-class FFFPConfig(AutoencoderConfig):
-    name: str = "ae_fffp"
+        tiny = dict(z=8, encoder_channels=(8, 8, 16, 16), decoder_channels=(32, 16, 8, 8), feature_hidden=32)
+        return cls(**{**tiny, **fields})
 
 
 # ----------------------------------------------------------------------------- parts
@@ -227,12 +199,6 @@ def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- method
 
 
-@register_method("ae_iipw", config=IIPWConfig)
-@register_method("ae_iips", config=IIPSConfig)
-@register_method("ae_iffp", config=IFFPConfig)
-@register_method("ae_fipw", config=FIPWConfig)
-@register_method("ae_fips", config=FIPSConfig)
-@register_method("ae_fffp", config=FFFPConfig)
 class Autoencoder(nn.Module):
     """A (variational) autoencoder trained by one of the six procedures (``cfg.name``).
 
@@ -318,3 +284,7 @@ class Autoencoder(nn.Module):
     def embed(self, images: Tensor) -> Tensor:
         """The embedding μ ``[B, z]`` (for F-* procedures, of Φ(images))."""
         return self.encode(self.features(images) if self.procedure.encodes == "features" else images)[0]
+
+
+for _name in PROCEDURES:  # one method per procedure, all built from AutoencoderConfig
+    register_method(_name, config=AutoencoderConfig)(Autoencoder)

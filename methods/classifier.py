@@ -25,29 +25,23 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.layers import resample_abs_pos_embed
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor, nn
 
 from methods.pretrained import EncoderChoice, PretrainedEncoder, load_pretrained
-from methods.registry import MethodConfig, register_method
+from methods.registry import register_method
 from methods.seeding import seeded_host_rngs
-from methods.token_reduction import (
-    DropMode,
-    TokenReducer,
-    check_token_reduction,
-    reduced_token_counts,
-    resolve_drop_positions,
-)
-from methods.vit import LayerNorm, ViTEncoder, ViTSize, ViTSizeName, vit_size
+from methods.token_reduction import TokenReductionConfig
+from methods.vit import LayerNorm, ViTConfig, grid_pool
 
 log = logging.getLogger(__name__)
 
 Pooling = Literal["avg", "cls", "grid"]
 
 
-@dataclass
-class ClassifierConfig(MethodConfig):
+@dataclass(kw_only=True)
+class ClassifierConfig(TokenReductionConfig, ViTConfig):
     """A ViT encoder with a head; defaults are MAE's ViT-B/16 fine-tuning recipe.
 
     ``pretrained`` is a checkpoint (a file or a checkpoint directory of a run; ``launch
@@ -55,12 +49,10 @@ class ClassifierConfig(MethodConfig):
     Pooling: ``avg`` (patch-token mean + LayerNorm), ``cls`` (the normalised cls token), or
     ``grid`` (normalised patch tokens averaged over ``pool_grid`` x ``pool_grid`` cells,
     concatenated, which keeps where things are, e.g. for LunarLander's position).
+    Token reduction (``TokenReductionConfig``) is off by default (keep ratio 1).
     """
 
     name: str = "finetune"
-    size: ViTSizeName = "base"
-    patch_size: int = 16
-    mlp_ratio: float = 4.0
     task: Literal["classification", "regression"] = "classification"
     num_classes: int = 1000
     targets: tuple[int, ...] = ()  # regression: the label columns to predict
@@ -71,10 +63,6 @@ class ClassifierConfig(MethodConfig):
     pool: Pooling = "avg"
     pool_grid: int = 2
     drop_path: float = 0.1
-    keep_ratio: float = 1.0  # token reduction: fraction of patch tokens kept at each drop position
-    num_drop_stages: int = 3
-    drop_positions: tuple[int, ...] | None = None  # None: num_drop_stages evenly spaced (ViT-B: 0, 4, 8)
-    drop_mode: DropMode = "similarity"
     freeze_encoder: bool = False
     head_batchnorm: bool = False  # a BatchNorm1d without affine before the head (MAE's linear probe)
     head_init_std: float = 2e-5
@@ -86,9 +74,6 @@ class ClassifierConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        depth = vit_size(self.size).depth
-        if self.patch_size <= 0 or self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} must split into whole patches of patch_size {self.patch_size}")
         if self.task == "classification" and self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2 for classification, got {self.num_classes}")
         if self.task == "regression":
@@ -102,49 +87,31 @@ class ClassifierConfig(MethodConfig):
             if any(s <= 0 for s in self.target_std):
                 raise ValueError("target_std values must be > 0")
         if self.pool_grid < 1 or self.num_patches_side % self.pool_grid:
-            raise ValueError(
-                f"pool_grid {self.pool_grid} must divide the {self.num_patches_side} patches per side"
-            )
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
-        if self.drop_positions is not None:
-            self.drop_positions = tuple(self.drop_positions)
-        check_token_reduction(self.keep_ratio, self.num_drop_stages, self.drop_positions, self.drop_mode, depth)
+            raise ValueError(f"pool_grid {self.pool_grid} must divide the {self.num_patches_side} patches per side")
         if self.token_counts[-1] < 1:
-            raise ValueError(f"token reduction leaves no patch tokens ({' -> '.join(map(str, self.token_counts))}); "
-                             "raise keep_ratio or use fewer drop stages")
+            raise ValueError(
+                f"token reduction leaves no patch tokens ({' -> '.join(map(str, self.token_counts))}); "
+                "raise keep_ratio or use fewer drop stages"
+            )
         if min(self.mixup, self.cutmix, self.label_smoothing, self.head_init_std) < 0:
             raise ValueError("mixup, cutmix, label_smoothing and head_init_std must be >= 0")
-
-    @property
-    def vit(self) -> ViTSize:
-        return vit_size(self.size)
-
-    @property
-    def num_patches_side(self) -> int:
-        return self.img_size // self.patch_size
 
     @property
     def num_outputs(self) -> int:
         return self.num_classes if self.task == "classification" else len(self.targets)
 
     @property
-    def resolved_drop_positions(self) -> tuple[int, ...]:
-        if self.keep_ratio == 1.0:
-            return ()
-        return resolve_drop_positions(self.drop_positions, vit_size(self.size).depth, self.num_drop_stages)
-
-    @property
     def token_counts(self) -> tuple[int, ...]:
         """Patch tokens entering the first block and after each reduction (ViT-B/16, 0.7: 196, 137, 95, 66)."""
-        return reduced_token_counts(self.num_patches_side**2, self.keep_ratio, len(self.resolved_drop_positions))
+        return self.reduced_counts(self.num_patches)
 
     @classmethod
-    def tiny(cls) -> ClassifierConfig:
-        return cls(size="micro", img_size=32, patch_size=8, num_classes=10, keep_ratio=0.75, num_drop_stages=2)
+    def tiny(cls, **fields) -> ClassifierConfig:
+        tiny = dict(size="micro", img_size=32, patch_size=8, num_classes=10, keep_ratio=0.75, num_drop_stages=2)
+        return cls(**{**tiny, **fields})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LinearProbeConfig(ClassifierConfig):
     """MAE's linear probe: frozen encoder, cls token, BatchNorm (no affine) + linear head, no mixing."""
 
@@ -158,21 +125,6 @@ class LinearProbeConfig(ClassifierConfig):
     cutmix: float = 0.0
     label_smoothing: float = 0.0
 
-    @classmethod
-    def tiny(cls) -> LinearProbeConfig:
-        return cls(size="micro", img_size=32, patch_size=8, num_classes=10, keep_ratio=0.75, num_drop_stages=2)
-
-
-def grid_pool(tokens: Tensor, ids: Tensor, side: int, grid: int) -> Tensor:
-    """Mean of the tokens ``[B, n, D]`` (at patch ids ``[B, n]``) in each of ``grid x grid`` cells."""
-    B, _, D = tokens.shape
-    cell_side = side // grid
-    cells = (ids // side // cell_side) * grid + (ids % side) // cell_side
-    sums = tokens.new_zeros(B, grid * grid, D).scatter_add_(1, cells.unsqueeze(-1).expand(-1, -1, D), tokens)
-    counts = torch.zeros(B, grid * grid, device=tokens.device).scatter_add_(
-        1, cells, torch.ones_like(cells, dtype=torch.float))
-    return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)  # a cell left empty is zero
-
 
 class ViTClassifier(nn.Module):
     """Encoder (optionally reducing tokens) -> pooling -> [BatchNorm] -> linear head."""
@@ -180,15 +132,13 @@ class ViTClassifier(nn.Module):
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = ViTEncoder.from_preset(cfg.size, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                                              in_chans=cfg.in_chans, mlp_ratio=cfg.mlp_ratio,
-                                              drop_path=cfg.drop_path)
+        self.encoder = cfg.build_encoder()
         width = self.encoder.embed_dim
         # Positions are learnt while fine-tuning, as in MAE (timm's ViT), from the fixed sin-cos
         # ones (or those of an official checkpoint); the cls row is added to the cls token.
         self.pos_embed = nn.Parameter(self.encoder.pos_embed.detach().clone().unsqueeze(0))
         self.drop_positions = frozenset(cfg.resolved_drop_positions)
-        self.reducer = TokenReducer(cfg.keep_ratio, cfg.drop_mode, num_prefix_tokens=self.encoder.num_prefix_tokens)
+        self.reducer = cfg.build_reducer(num_prefix_tokens=self.encoder.num_prefix_tokens)
         if cfg.pool == "avg":  # the mean patch token goes through fc_norm instead of the final norm (MAE)
             self.encoder.norm = nn.Identity()
         self.fc_norm = LayerNorm(width) if cfg.pool == "avg" else nn.Identity()
@@ -196,8 +146,9 @@ class ViTClassifier(nn.Module):
         linear = nn.Linear(features, cfg.num_outputs)
         nn.init.trunc_normal_(linear.weight, std=cfg.head_init_std)
         nn.init.zeros_(linear.bias)
-        self.head = (nn.Sequential(nn.BatchNorm1d(features, affine=False, eps=1e-6), linear)
-                     if cfg.head_batchnorm else linear)
+        self.head = (
+            nn.Sequential(nn.BatchNorm1d(features, affine=False, eps=1e-6), linear) if cfg.head_batchnorm else linear
+        )
         if cfg.pretrained:
             self.load_pretrained(load_pretrained(cfg.pretrained, cfg.pretrained_encoder))
         if cfg.freeze_encoder:
@@ -209,11 +160,23 @@ class ViTClassifier(nn.Module):
             self.register_buffer("target_mean", torch.tensor(cfg.target_mean or [0.0] * outputs), persistent=False)
             self.register_buffer("target_std", torch.tensor(cfg.target_std or [1.0] * outputs), persistent=False)
         if cfg.task == "classification":
-            self.mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                                num_classes=cfg.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
-            self.criterion = (SoftTargetCrossEntropy() if self.mixup is not None
-                              else LabelSmoothingCrossEntropy(cfg.label_smoothing) if cfg.label_smoothing > 0
-                              else nn.CrossEntropyLoss())
+            self.mixup = (
+                Mixup(
+                    mixup_alpha=cfg.mixup,
+                    cutmix_alpha=cfg.cutmix,
+                    label_smoothing=cfg.label_smoothing,
+                    num_classes=cfg.num_classes,
+                )
+                if cfg.mixup > 0 or cfg.cutmix > 0
+                else None
+            )
+            self.criterion = (
+                SoftTargetCrossEntropy()
+                if self.mixup is not None
+                else LabelSmoothingCrossEntropy(cfg.label_smoothing)
+                if cfg.label_smoothing > 0
+                else nn.CrossEntropyLoss()
+            )
 
     # ------------------------------------------------------------------ weights
 
@@ -266,10 +229,10 @@ class ViTClassifier(nn.Module):
         x = enc.forward_tokens(x, hook=reduce)  # the final norm is an identity for avg pooling
         if cfg.pool == "cls":
             return x[:, 0]
-        patches = x[:, enc.num_prefix_tokens:]
+        patches = x[:, enc.num_prefix_tokens :]
         if cfg.pool == "avg":
             return self.fc_norm(patches.mean(dim=1))
-        return grid_pool(patches, ids, cfg.num_patches_side, cfg.pool_grid).flatten(1)
+        return grid_pool(patches, cfg.num_patches_side, cfg.pool_grid, ids)
 
     def head_outputs(self, images: Tensor) -> Tensor:
         """What the head computes: logits, or standardised regression targets."""
@@ -298,8 +261,10 @@ class ViTClassifier(nn.Module):
             return {"loss": F.mse_loss(self.head_outputs(images).float(), standardised)}
         if self.mixup is not None and self.training:
             if images.shape[0] % 2:
-                raise ValueError(f"Mixup/CutMix pair samples within a micro-batch; train.micro_batch_size "
-                                 f"must be even, got {images.shape[0]}")
+                raise ValueError(
+                    f"Mixup/CutMix pair samples within a micro-batch; train.micro_batch_size "
+                    f"must be even, got {images.shape[0]}"
+                )
             # timm draws from NumPy's global RNG: make the draw a function of the samples' seeds.
             with seeded_host_rngs(int(batch["seed"][0])) if "seed" in batch else nullcontext():
                 images, labels = self.mixup(images, labels)

@@ -41,8 +41,7 @@ import torchvision.models
 from timm.layers import BatchNormAct2d
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from torch import Tensor, nn
-from torchvision.models import AlexNet_Weights, alexnet
-from torchvision.models import feature_extraction
+from torchvision.models import AlexNet_Weights, alexnet, feature_extraction
 
 log = logging.getLogger(__name__)
 
@@ -376,8 +375,9 @@ def build_generic(library: str, model_name: str, layer: str, weights: str | None
     if weights is not None:
         model.load_state_dict(load_state_dict_file(weights))
     else:
-        log.warning("loss network %s:%s has random weights: pass a weights file for a pretrained one",
-                    library, model_name)
+        log.warning(
+            "loss network %s:%s has random weights: pass a weights file for a pretrained one", library, model_name
+        )
     return GraphCut(create_feature_extractor(model, return_nodes={layer: "out"})), mean, std
 
 

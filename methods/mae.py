@@ -10,17 +10,12 @@ from methods.registry import register_method
 from methods.vit import MaskedViTConfig, Masking, batch_noise, gather_tokens, patchify, random_masking
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MAEConfig(MaskedViTConfig):
     """MAE with a ViT encoder; defaults are the reference ViT-B/16 recipe (8 x 512 decoder)."""
 
     name: str = "mae"
     norm_pix_loss: bool = True
-
-    @classmethod
-    def tiny(cls) -> MAEConfig:
-        """The tiny flavour: a "micro" ViT on 32 px images, for CPU tests and smoke runs."""
-        return cls(size="micro", img_size=32, patch_size=8, decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
 
 
 def mae_loss(pred: Tensor, target_patches: Tensor, norm_pix_loss: bool) -> Tensor:
@@ -46,7 +41,7 @@ class MAE(nn.Module):
     def __init__(self, cfg: MAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = cfg.build_encoder(drop_path=cfg.drop_path)
+        self.encoder = cfg.build_encoder()
         self.decoder = cfg.build_decoder(out_dim=cfg.patch_size**2 * cfg.in_chans)
 
     def mask(self, batch: dict[str, Tensor]) -> Masking:

@@ -15,50 +15,38 @@ the EMA momentum really ends at ``momentum_final``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods.registry import register_method
-from methods.token_reduction import (
-    DropMode,
-    TokenReducer,
-    check_token_reduction,
-    reduced_token_counts,
-    resolve_drop_positions,
-)
+from methods.token_reduction import TokenReductionConfig
 from methods.vit import MaskedViTConfig, Masking, batch_noise, random_masking
 
 
-@dataclass
-class PCAEConfig(MaskedViTConfig):
+@dataclass(kw_only=True)
+class PCAEConfig(TokenReductionConfig, MaskedViTConfig):
     """PCAE with a ViT encoder; defaults are the reference ViT-B/16 recipe.
 
-    ``drop_positions`` are the teacher blocks after which tokens are reduced; ``None`` spaces
-    ``num_drop_stages`` of them evenly (blocks 0, 4, 8 for ViT-B).
+    The teacher reduces tokens as ``TokenReductionConfig`` says: keep ratio 0.5 after blocks
+    0, 4 and 8 for ViT-B (147 -> 73 -> 36 -> 18 target tokens).
     """
 
     name: str = "pcae"
     drop_path: float = 0.25
     decoder_drop_path: float = 0.25
     keep_ratio: float = 0.5
-    num_drop_stages: int = 3
-    drop_positions: tuple[int, ...] | None = None
-    drop_mode: DropMode = "similarity"
     momentum: float = 0.9999
     momentum_final: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        depth = self.vit.depth
         if not 0.0 <= self.decoder_drop_path < 1.0:
             raise ValueError(f"decoder_drop_path must be in [0, 1), got {self.decoder_drop_path}")
-        if self.drop_positions is not None:
-            self.drop_positions = tuple(self.drop_positions)
-        check_token_reduction(self.keep_ratio, self.num_drop_stages, self.drop_positions, self.drop_mode, depth)
         for key in ("momentum", "momentum_final"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
@@ -71,19 +59,9 @@ class PCAEConfig(MaskedViTConfig):
             )
 
     @property
-    def resolved_drop_positions(self) -> tuple[int, ...]:
-        """The teacher blocks after which tokens are reduced."""
-        return resolve_drop_positions(self.drop_positions, self.vit.depth, self.num_drop_stages)
-
-    @property
     def target_token_counts(self) -> tuple[int, ...]:
         """Teacher token counts: masked patches, then after each reduction (ViT-B/16: 147, 73, 36, 18)."""
-        return reduced_token_counts(self.num_masked, self.keep_ratio, len(self.resolved_drop_positions))
-
-    @classmethod
-    def tiny(cls) -> PCAEConfig:
-        """The tiny flavour: a "micro" ViT on 32 px images (12 masked -> 6 -> 3 -> 1 target tokens)."""
-        return cls(size="micro", img_size=32, patch_size=8, decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+        return self.reduced_counts(self.num_masked)
 
 
 def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
@@ -113,12 +91,12 @@ class PCAE(nn.Module):
     def __init__(self, cfg: PCAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.student = cfg.build_encoder(drop_path=cfg.drop_path)
+        self.student = cfg.build_encoder()
         self.teacher = cfg.build_encoder(drop_path=0.0)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.drop_positions = cfg.resolved_drop_positions
-        self.reducer = TokenReducer(cfg.keep_ratio, cfg.drop_mode)
+        self.reducer = cfg.build_reducer()
         self.decoder = cfg.build_decoder(out_dim=self.teacher.embed_dim, drop_path=cfg.decoder_drop_path)
         counts = cfg.target_token_counts
         # The random drop mode draws its scores from the batch seeds too, after the mask noise.
@@ -133,9 +111,7 @@ class PCAE(nn.Module):
         return self._draw(batch)[0]
 
     @torch.no_grad()
-    def teacher_targets(
-        self, images: Tensor, ids_masked: Tensor, stage_noise: Sequence[Tensor] = ()
-    ) -> TeacherTargets:
+    def teacher_targets(self, images: Tensor, ids_masked: Tensor, stage_noise: Sequence[Tensor] = ()) -> TeacherTargets:
         """Encode only the masked patches (no cls), reducing tokens after each drop position."""
         ids_per_stage = [ids_masked]
         noise = iter(stage_noise)

@@ -88,7 +88,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def extract_encoder(state: dict[str, Tensor], which: EncoderChoice = "student") -> PretrainedEncoder:

@@ -6,12 +6,16 @@ A method is an ``nn.Module`` whose ``forward(batch)`` returns a dict with a scal
     @register_method("mae", config=MAEConfig)
     class MAE(nn.Module):
         def __init__(self, cfg: MAEConfig): ...
+
+One config class may serve several names (the six autoencoder procedures share one): the
+registry binds the name, so ``get_method(name).make_config(...)`` is that method's config.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -20,7 +24,7 @@ from torch import nn
 class MethodConfig:
     """Fields every method shares. Subclasses add their own and validate in ``__post_init__``."""
 
-    name: str = ""
+    name: str  # the registered name; see MethodEntry.make_config
     img_size: int = 224
     in_chans: int = 3
 
@@ -31,7 +35,7 @@ class MethodConfig:
             raise ValueError(f"in_chans must be positive, got {self.in_chans}")
 
     @classmethod
-    def tiny(cls) -> "MethodConfig":
+    def tiny(cls, **fields: Any) -> MethodConfig:
         """The smallest flavour of this method, for CPU tests and smoke runs."""
         raise NotImplementedError(f"{cls.__name__} has no tiny flavour")
 
@@ -41,6 +45,14 @@ class MethodEntry:
     name: str
     cls: type[nn.Module]
     config: type[MethodConfig]
+
+    def make_config(self, **fields: Any) -> MethodConfig:
+        """This method's config: the class defaults, ``fields``, and the registered name."""
+        return self.config(**{**fields, "name": self.name})
+
+    def tiny(self) -> MethodConfig:
+        """This method's tiny flavour (``MethodConfig.tiny``) under the registered name."""
+        return self.config.tiny(name=self.name)
 
 
 class UnknownMethodError(ValueError):
@@ -75,9 +87,7 @@ def get_method(name: str) -> MethodEntry:
     try:
         return _METHODS[name]
     except KeyError:
-        raise UnknownMethodError(
-            f"unknown method {name!r}; known methods: {', '.join(method_names())}"
-        ) from None
+        raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(method_names())}") from None
 
 
 def build_method(cfg: MethodConfig) -> nn.Module:

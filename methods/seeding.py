@@ -9,16 +9,18 @@ uninterrupted one would.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 
-def per_sample_noise(seeds: Tensor, n: int, device: torch.device | str,
-                     distribution: Literal["uniform", "normal"] = "uniform") -> Tensor:
+def per_sample_noise(
+    seeds: Tensor, n: int, device: torch.device | str, distribution: Literal["uniform", "normal"] = "uniform"
+) -> Tensor:
     """Noise ``[B, n]`` whose row ``i`` depends only on ``seeds[i]``: U[0, 1) or N(0, 1)."""
     draw = torch.rand if distribution == "uniform" else torch.randn
     generator = torch.Generator()

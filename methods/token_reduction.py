@@ -2,11 +2,12 @@
 
 After chosen blocks a ``TokenReducer`` keeps a fixed fraction of the tokens and discards the
 rest outright (a gather; nothing is merged). Used by the PCAE teacher during pre-training and
-by the fine-tuning backbone (``methods/classifier.py``).
+by the fine-tuning backbone (``methods/classifier.py``), both configured by ``TokenReductionConfig``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,22 +25,58 @@ def default_drop_positions(depth: int, num_stages: int) -> tuple[int, ...]:
     return tuple(i * depth // num_stages for i in range(num_stages))
 
 
-def check_token_reduction(keep_ratio: float, num_stages: int, positions: tuple[int, ...] | None, mode: str,
-                          depth: int) -> None:
-    """Raise ``ValueError`` for token-reduction settings a ``depth``-block encoder cannot take."""
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1] (drop ratio = 1 - keep_ratio), got {keep_ratio}")
-    if not 0 <= num_stages <= depth:
-        raise ValueError(f"num_drop_stages must be between 0 and the encoder depth {depth}, got {num_stages}")
-    if positions is not None:
-        check_drop_positions(positions, num_stages, depth)
-    if mode not in DROP_MODES:
-        raise ValueError(f"unknown drop_mode {mode!r}; known modes: {', '.join(DROP_MODES)}")
+def reduced_token_counts(num_tokens: int, keep_ratio: float, num_stages: int) -> tuple[int, ...]:
+    """Token counts before the first and after each reduction (147, 0.5, 3 -> 147, 73, 36, 18)."""
+    counts = [num_tokens]
+    for _ in range(num_stages):
+        counts.append(int(counts[-1] * keep_ratio))
+    return tuple(counts)
 
 
-def resolve_drop_positions(positions: tuple[int, ...] | None, depth: int, num_stages: int) -> tuple[int, ...]:
-    """The given drop positions, or ``num_stages`` evenly spaced ones."""
-    return positions if positions is not None else default_drop_positions(depth, num_stages)
+@dataclass(kw_only=True)
+class TokenReductionConfig:
+    """Where and how much a ViT reduces tokens; mixed into a ``ViTConfig`` (PCAE's teacher, the classifier).
+
+    ``drop_positions`` are the blocks after which tokens are reduced; ``None`` spaces
+    ``num_drop_stages`` of them evenly (blocks 0, 4, 8 for ViT-B). ``keep_ratio = 1`` reduces
+    nothing; the paper's "drop ratio" is ``1 - keep_ratio``.
+    """
+
+    keep_ratio: float = 1.0
+    num_drop_stages: int = 3
+    drop_positions: tuple[int, ...] | None = None
+    drop_mode: DropMode = "similarity"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # the ViTConfig this is mixed into: its depth is known after
+        depth = self.vit.depth
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1] (drop ratio = 1 - keep_ratio), got {self.keep_ratio}")
+        if not 0 <= self.num_drop_stages <= depth:
+            raise ValueError(
+                f"num_drop_stages must be between 0 and the encoder depth {depth}, got {self.num_drop_stages}"
+            )
+        if self.drop_positions is not None:
+            self.drop_positions = tuple(self.drop_positions)
+            check_drop_positions(self.drop_positions, self.num_drop_stages, depth)
+        if self.drop_mode not in DROP_MODES:
+            raise ValueError(f"unknown drop_mode {self.drop_mode!r}; known modes: {', '.join(DROP_MODES)}")
+
+    @property
+    def resolved_drop_positions(self) -> tuple[int, ...]:
+        """The blocks after which tokens are reduced: none at keep ratio 1."""
+        if self.keep_ratio == 1.0:
+            return ()
+        if self.drop_positions is not None:
+            return self.drop_positions
+        return default_drop_positions(self.vit.depth, self.num_drop_stages)
+
+    def reduced_counts(self, num_tokens: int) -> tuple[int, ...]:
+        """``num_tokens`` entering the first block, then the count after each reduction."""
+        return reduced_token_counts(num_tokens, self.keep_ratio, len(self.resolved_drop_positions))
+
+    def build_reducer(self, num_prefix_tokens: int = 0) -> TokenReducer:
+        return TokenReducer(self.keep_ratio, self.drop_mode, num_prefix_tokens)
 
 
 def check_drop_positions(positions: tuple[int, ...], num_stages: int, depth: int) -> None:
@@ -56,14 +93,6 @@ def check_drop_positions(positions: tuple[int, ...], num_stages: int, depth: int
         raise ValueError(f"drop_positions {list(positions)} has duplicates; list each block once")
     if list(positions) != sorted(positions):
         raise ValueError(f"drop_positions {list(positions)} must be in increasing order")
-
-
-def reduced_token_counts(num_tokens: int, keep_ratio: float, num_stages: int) -> tuple[int, ...]:
-    """Token counts before the first and after each reduction (147, 0.5, 3 -> 147, 73, 36, 18)."""
-    counts = [num_tokens]
-    for _ in range(num_stages):
-        counts.append(int(counts[-1] * keep_ratio))
-    return tuple(counts)
 
 
 def similarity_scores(x: Tensor) -> Tensor:

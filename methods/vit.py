@@ -1,15 +1,17 @@
 """Shared Vision Transformer pieces for the masked-image methods (MAE, PCAE) and fine-tuning.
 
 Built on timm's ``Block`` and ``PatchEmbed``; positions are fixed 2-D sin-cos embeddings.
-Also holds the masking helpers (``patchify``, ``random_masking``, seed-driven noise) and
-the config fields every masked-image method shares.
+Also holds the masking helpers (``patchify``, ``random_masking``, seed-driven noise), grid
+pooling of patch tokens, and the config fields every ViT method shares (``ViTConfig``) and
+every masked-image method adds (``MaskedViTConfig``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +111,27 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     """Select tokens ``x[b, ids[b, j]]`` -> ``[B, len(ids[b]), D]``."""
     return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def grid_pool(tokens: Tensor, side: int, grid: int, ids: Tensor | None = None) -> Tensor:
+    """Patch tokens of a ``side x side`` grid averaged over ``grid x grid`` cells: ``[B, grid*grid*D]``.
+
+    ``tokens`` ``[B, n, D]`` are the whole grid in row-major order, or, when some were dropped
+    (token reduction), the tokens at patch ids ``ids`` ``[B, n]``. One mean per cell keeps where
+    things are, which a global mean forgets. A cell left without tokens is zero.
+    """
+    if side % grid:
+        raise ValueError(f"a grid of {grid} x {grid} cells must divide the {side} patches per side")
+    B, n, D = tokens.shape
+    if ids is None:
+        ids = torch.arange(n, device=tokens.device).expand(B, -1)
+    cell_side = side // grid
+    cells = (ids // side // cell_side) * grid + (ids % side) // cell_side
+    sums = tokens.new_zeros(B, grid * grid, D).scatter_add_(1, cells.unsqueeze(-1).expand(-1, -1, D), tokens)
+    counts = torch.zeros(B, grid * grid, device=tokens.device).scatter_add_(
+        1, cells, torch.ones_like(cells, dtype=torch.float)
+    )
+    return (sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)).flatten(1)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -267,18 +290,17 @@ class MaskedDecoder(nn.Module):
 # ----------------------------------------------------------------------------- config
 
 
-@dataclass
-class MaskedViTConfig(MethodConfig):
-    """Encoder, masking and decoder fields shared by the masked-image methods."""
+@dataclass(kw_only=True)
+class ViTConfig(MethodConfig):
+    """The encoder fields every ViT method shares: size preset, patches, MLP width, stochastic depth."""
 
     size: ViTSizeName = "base"
     patch_size: int = 16
-    mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
+
+    # The fields that fix the encoder's weights: what a downstream run copies from its source.
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = ("size", "patch_size", "img_size", "in_chans", "mlp_ratio")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -290,6 +312,46 @@ class MaskedViTConfig(MethodConfig):
                 f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}; "
                 "pick sizes so the image splits into whole patches"
             )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+
+    @property
+    def vit(self) -> ViTSize:
+        return vit_size(self.size)
+
+    @property
+    def num_patches_side(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_side**2
+
+    def build_encoder(self, drop_path: float | None = None) -> ViTEncoder:
+        """The encoder this config describes; ``drop_path`` overrides the top stochastic-depth rate."""
+        return ViTEncoder.from_preset(
+            self.size,
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            in_chans=self.in_chans,
+            mlp_ratio=self.mlp_ratio,
+            drop_path=self.drop_path if drop_path is None else drop_path,
+        )
+
+
+@dataclass(kw_only=True)
+class MaskedViTConfig(ViTConfig):
+    """Masking and decoder fields shared by the masked-image methods (MAE, PCAE)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.num_visible < 1 or self.num_masked < 1:
@@ -308,18 +370,12 @@ class MaskedViTConfig(MethodConfig):
             )
         if self.decoder_dim % 4 != 0:
             raise ValueError(f"decoder_dim must be a multiple of 4 for 2-D sin-cos positions, got {self.decoder_dim}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
 
-    @property
-    def vit(self) -> ViTSize:
-        return vit_size(self.size)
-
-    @property
-    def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+    @classmethod
+    def tiny(cls, **fields: Any) -> MaskedViTConfig:
+        """A "micro" ViT on 32 px images with a one-block decoder (PCAE: 12 masked -> 6 -> 3 -> 1 targets)."""
+        tiny = dict(size="micro", img_size=32, patch_size=8, decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+        return cls(**{**tiny, **fields})
 
     @property
     def num_visible(self) -> int:
@@ -329,21 +385,10 @@ class MaskedViTConfig(MethodConfig):
     def num_masked(self) -> int:
         return self.num_patches - self.num_visible
 
-    def build_encoder(self, drop_path: float) -> ViTEncoder:
-        """The encoder this config describes, with the given top stochastic-depth rate."""
-        return ViTEncoder.from_preset(
-            self.size,
-            img_size=self.img_size,
-            patch_size=self.patch_size,
-            in_chans=self.in_chans,
-            mlp_ratio=self.mlp_ratio,
-            drop_path=drop_path,
-        )
-
     def build_decoder(self, out_dim: int, drop_path: float = 0.0) -> MaskedDecoder:
         """The decoder this config describes, mapping encoder tokens to ``out_dim`` per query."""
         return MaskedDecoder(
-            grid_size=(self.img_size // self.patch_size,) * 2,
+            grid_size=(self.num_patches_side,) * 2,
             in_dim=self.vit.embed_dim,
             embed_dim=self.decoder_dim,
             depth=self.decoder_depth,

@@ -1,0 +1,22 @@
+"""``launch bench ...``: benchmarks that print ratios measured side by side in one run.
+
+``compute``: ``pretrain`` (PCAE vs MAE training steps), ``finetune`` (inference with token
+reduction), ``ae-losses`` (the six autoencoder procedures); ``slurm_latency``: ``slurm``
+(submission and requeue latencies of a real cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    from launcher.bench import compute, slurm_latency
+
+    benchmarks = {
+        "pretrain": compute.bench_pretrain,
+        "finetune": compute.bench_finetune,
+        "ae-losses": compute.bench_ae_losses,
+        "slurm": slurm_latency.bench_slurm,
+    }
+    return benchmarks[args.benchmark](args)

@@ -1,0 +1,580 @@
+"""LunarLander frame data sets: seeded generation with gymnasium, lazy memory-mapped reading.
+
+A data set is a directory holding ``frames.npy`` (uint8 [N, size, size, 3]), ``states.npy``
+(float32 [N, 8]), ``episodes.npy`` (int64 [N]), ``steps.npy`` (int32 [N]) and ``meta.json``.
+Row i of every array describes one instant: the frame rendered right after a reset or step
+and the observation that reset or step returned. The rows are episodes 0, 1, 2, ... of a
+seeded stream laid end to end, the last one cut where ``num_frames`` is reached.
+
+Unlike the reference generator (perceptual-autoencoders.md, sections 4 and 8), frames and
+states are not shifted by one step, episodes are reset when they end, and every episode is
+seeded, so the same arguments give the same arrays whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+from PIL import Image
+from torch.utils.data import Dataset
+
+from launcher.data import BaseDataset, DataConfig, register_dataset
+from launcher.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+ENV_ID = "LunarLander-v3"
+FORMAT_VERSION = 1
+STATE_FIELDS: tuple[str, ...] = (
+    "x",
+    "y",
+    "vx",
+    "vy",
+    "angle",
+    "angular_velocity",
+    "left_leg_contact",
+    "right_leg_contact",
+)
+AGENTS: tuple[str, ...] = ("random", "heuristic")
+MIN_SIZE = 64
+SIZE_STEP = 16
+
+# Name -> (dtype, shape after the leading N axis, or None for "depends on size").
+_ARRAYS: dict[str, tuple[np.dtype, tuple[int, ...] | None]] = {
+    "frames": (np.dtype(np.uint8), None),
+    "states": (np.dtype(np.float32), (len(STATE_FIELDS),)),
+    "episodes": (np.dtype(np.int64), ()),
+    "steps": (np.dtype(np.int32), ()),
+}
+
+
+_META_KEYS = ("format_version", "num_frames", "size", "state_fields")
+_GENERATE_HINT = (
+    "run `launch data lunarlander --frames 20000 --out {root}` (or set data.generate_frames to have runs generate it)"
+)
+
+
+def _array_shape(name: str, num_frames: int, size: int) -> tuple[int, ...]:
+    """The shape array `name` has in a data set of `num_frames` frames of `size` pixels."""
+    row_shape = _ARRAYS[name][1]
+    return (num_frames, *(row_shape if row_shape is not None else (size, size, 3)))
+
+
+def episode_seeds(seed: int, episode: int) -> tuple[int, int]:
+    """The (environment reset seed, action-space seed) of one episode of a data set.
+
+    Public so that an episode can be replayed by hand: ``env.reset(seed=env_seed)``,
+    ``env.action_space.seed(action_seed)``, then the agent's actions.
+    """
+    env_seed, action_seed = np.random.SeedSequence(seed, spawn_key=(episode,)).generate_state(2)
+    return int(env_seed), int(action_seed)
+
+
+def resize_frame(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Resize one rendered HWC uint8 frame to size x size with PIL bicubic (aspect is not kept)."""
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _check_generate_args(
+    num_frames: int,
+    size: int,
+    agent: str,
+    num_workers: int,
+    seed: int,
+    max_episode_steps: int | None,
+) -> None:
+    """Raise ConfigError naming the first bad argument of generate_lunarlander."""
+    if num_frames < 1:
+        raise ConfigError(f"--frames must be at least 1, got {num_frames}.")
+    if size < MIN_SIZE or (size - MIN_SIZE) % SIZE_STEP != 0:
+        below = max(MIN_SIZE, MIN_SIZE + (size - MIN_SIZE) // SIZE_STEP * SIZE_STEP)
+        raise ConfigError(
+            f"LunarLander frame size {size} is not supported: sizes are {MIN_SIZE} + "
+            f"{SIZE_STEP}*n (64, 80, 96, ...). Use for example --size {below} or "
+            f"--size {below + SIZE_STEP}."
+        )
+    if agent not in AGENTS:
+        raise ConfigError(f"unknown LunarLander agent {agent!r}; choose one of {', '.join(AGENTS)}.")
+    if num_workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {num_workers}.")
+    if seed < 0:
+        raise ConfigError(f"--seed must be a non-negative integer, got {seed}.")
+    if max_episode_steps is not None and max_episode_steps < 1:
+        raise ConfigError(
+            f"max_episode_steps must be at least 1 (or None for gymnasium's default of 1000), got {max_episode_steps}."
+        )
+
+
+def _check_out_free(out: Path) -> None:
+    """Refuse an `out` that is a file or a non-empty directory."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(
+            f"{out} already exists and is not an empty directory; generating a data set there "
+            f"would overwrite it. Delete it or choose another --out."
+        )
+
+
+@dataclass
+class _Episode:
+    """The rows one episode contributes, in step order: frames and observations."""
+
+    episode: int
+    frames: np.ndarray
+    states: np.ndarray
+
+
+@dataclass
+class _Runner:
+    """One environment and the settings needed to play seeded episodes on it."""
+
+    env: Any
+    agent: str
+    size: int
+    seed: int
+    stop: EventType | None = None  # set by the parent once no running episode can be needed
+
+    @classmethod
+    def create(
+        cls,
+        agent: str,
+        size: int,
+        seed: int,
+        max_episode_steps: int | None,
+        stop: EventType | None = None,
+    ) -> _Runner:
+        """Make a headless rgb_array environment (imports gymnasium lazily: it is slow to load)."""
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+        import gymnasium as gym
+
+        env = gym.make(ENV_ID, render_mode="rgb_array", max_episode_steps=max_episode_steps)
+        return cls(env=env, agent=agent, size=size, seed=seed, stop=stop)
+
+
+def _run_episode(runner: _Runner, episode: int, max_frames: int) -> _Episode:
+    """Play one seeded episode, keeping at most `max_frames` of its (frame, state) pairs."""
+    from gymnasium.envs.box2d.lunar_lander import heuristic
+
+    env = runner.env
+    env_seed, action_seed = episode_seeds(runner.seed, episode)
+    obs, _ = env.reset(seed=env_seed)
+    env.action_space.seed(action_seed)
+    frames, states = [], []
+    done = False
+    while True:
+        # Render before the next step, so the frame shows the instant `obs` describes.
+        frames.append(resize_frame(env.render(), runner.size))
+        states.append(obs)
+        if done or len(frames) >= max_frames:
+            break
+        if runner.stop is not None and runner.stop.is_set():
+            break  # the parent has all it needs; this result will be thrown away
+        action = heuristic(env, obs) if runner.agent == "heuristic" else env.action_space.sample()
+        obs, _, terminated, truncated, _ = env.step(action)
+        done = terminated or truncated
+    return _Episode(episode, np.stack(frames), np.asarray(states, dtype=np.float32))
+
+
+_worker_runner: _Runner | None = None
+
+
+def _init_worker(agent: str, size: int, seed: int, max_episode_steps: int | None, stop: EventType) -> None:
+    """Worker initializer: one environment per worker process, reused across episodes."""
+    global _worker_runner
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    _worker_runner = _Runner.create(agent, size, seed, max_episode_steps, stop)
+
+
+def _run_episode_in_worker(episode: int, max_frames: int) -> _Episode:
+    """Worker task: play one episode on this worker's environment."""
+    assert _worker_runner is not None, "_init_worker did not run"
+    return _run_episode(_worker_runner, episode, max_frames)
+
+
+class _ProgressLog:
+    """Logs generation progress about every 10%."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.start = time.perf_counter()
+        self.next_tenth = 1
+
+    def update(self, done: int, num_episodes: int) -> None:
+        """Log if `done` frames crossed the next 10% mark."""
+        if done * 10 < self.next_tenth * self.total:
+            return
+        self.next_tenth = done * 10 // self.total + 1
+        elapsed = time.perf_counter() - self.start
+        logger.info(
+            "LunarLander: %d/%d frames (%d%%), %d episodes, %.1f s, %.0f frames/s",
+            done,
+            self.total,
+            100 * done // self.total,
+            num_episodes,
+            elapsed,
+            done / max(elapsed, 1e-9),
+        )
+
+
+def _write_episode(arrays: dict[str, np.ndarray], offset: int, result: _Episode) -> int:
+    """Copy one episode's rows into the open memmaps at `offset`; return the rows written."""
+    n = min(len(result.frames), len(arrays["frames"]) - offset)
+    rows = slice(offset, offset + n)
+    arrays["frames"][rows] = result.frames[:n]
+    arrays["states"][rows] = result.states[:n]
+    arrays["episodes"][rows] = result.episode
+    arrays["steps"][rows] = np.arange(n, dtype=np.int32)
+    return n
+
+
+def _fill(
+    arrays: dict[str, np.ndarray],
+    submit: Callable[[int, int], Callable[[], _Episode]],
+    window: int,
+) -> int:
+    """Write episodes 0, 1, 2, ... in order until the arrays are full; return the episode count.
+
+    `submit(episode, max_frames)` starts an episode and returns a function that waits for it.
+    Each episode is asked for at most the frames that could still be needed, which is never
+    fewer than it will be allowed to write, so results do not depend on `window` or timing.
+    """
+    num_frames = len(arrays["frames"])
+    progress = _ProgressLog(num_frames)
+    pending: deque[Callable[[], _Episode]] = deque()
+    next_episode = written = num_episodes = 0
+    while written < num_frames:
+        while len(pending) < window:
+            # Every episode still pending will write at least one row.
+            max_frames = num_frames - written - len(pending)
+            if max_frames <= 0:
+                break
+            pending.append(submit(next_episode, max_frames))
+            next_episode += 1
+        written += _write_episode(arrays, written, pending.popleft()())
+        num_episodes += 1
+        progress.update(written, num_episodes)
+    return num_episodes
+
+
+def _generate_into(
+    tmp: Path,
+    num_frames: int,
+    size: int,
+    agent: str,
+    num_workers: int,
+    seed: int,
+    max_episode_steps: int | None,
+) -> dict[str, Any]:
+    """Write the arrays into `tmp` chunk by chunk; return the meta.json contents."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, (dtype, _) in _ARRAYS.items():
+        shape = _array_shape(name, num_frames, size)
+        arrays[name] = open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+    if num_workers == 1:
+        runner = _Runner.create(agent, size, seed, max_episode_steps)
+
+        def submit_here(episode: int, max_frames: int) -> Callable[[], _Episode]:
+            result = _run_episode(runner, episode, max_frames)
+            return lambda: result
+
+        try:
+            num_episodes = _fill(arrays, submit_here, window=1)
+        finally:
+            runner.env.close()
+    else:
+        # spawn: forking a process that may already hold pygame/SDL state is unsafe.
+        ctx = multiprocessing.get_context("spawn")
+        stop = ctx.Event()
+        executor = ProcessPoolExecutor(
+            num_workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(agent, size, seed, max_episode_steps, stop),
+        )
+
+        def submit_to_pool(episode: int, max_frames: int) -> Callable[[], _Episode]:
+            return executor.submit(_run_episode_in_worker, episode, max_frames).result
+
+        try:
+            # Two tasks per worker keep every worker busy while the head of the queue is awaited.
+            num_episodes = _fill(arrays, submit_to_pool, window=2 * num_workers)
+        finally:
+            # Episodes started but no longer needed are cut short and dropped.
+            stop.set()
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    for array in arrays.values():
+        array.flush()
+    del arrays
+
+    import gymnasium
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "env_id": ENV_ID,
+        "gymnasium_version": gymnasium.__version__,
+        "num_frames": num_frames,
+        "num_episodes": num_episodes,
+        "size": size,
+        "agent": agent,
+        "seed": seed,
+        "num_workers": num_workers,
+        "max_episode_steps": max_episode_steps,
+        "state_fields": list(STATE_FIELDS),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def generate_lunarlander(
+    out: Path,
+    num_frames: int,
+    *,
+    size: int = 64,
+    agent: Literal["random", "heuristic"] = "random",
+    num_workers: int = 2,
+    seed: int = 0,
+    max_episode_steps: int | None = None,
+) -> Path:
+    """Generate a LunarLander frame data set in `out` and return `out`.
+
+    Everything is written into a hidden sibling directory that is renamed to `out` only when
+    complete, so an interrupted run never leaves a partial data set under `out` (a hard kill
+    may leave the hidden ``.NAME.partial-*`` sibling behind, which is safe to delete).
+    With num_workers > 1 the episodes are played in spawned processes, so a script that
+    calls this needs the usual ``if __name__ == "__main__":`` guard.
+    """
+    out = Path(out)
+    _check_generate_args(num_frames, size, agent, num_workers, seed, max_episode_steps)
+    _check_out_free(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    logger.info(
+        "generating %d LunarLander frames (%dx%d, %s agent, seed %d, %d workers) into %s",
+        num_frames,
+        size,
+        size,
+        agent,
+        seed,
+        num_workers,
+        out,
+    )
+    start = time.perf_counter()
+    try:
+        meta = _generate_into(tmp, num_frames, size, agent, num_workers, seed, max_episode_steps)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _check_out_free(out)  # someone may have written there while we were generating
+        # Replaces an empty directory atomically; fails rather than merge into a non-empty one.
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(
+        "wrote %d frames in %d episodes to %s in %.1f s",
+        num_frames,
+        meta["num_episodes"],
+        out,
+        time.perf_counter() - start,
+    )
+    return out
+
+
+class LunarLanderFrames:
+    """A generated LunarLander data set, read lazily through memory maps."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        hint = _GENERATE_HINT.format(root=self.root)
+        if not self.root.is_dir():
+            raise DataError(
+                f"no LunarLander data set at {self.root}: the directory does not exist. To create it, {hint}."
+            )
+        self._meta = self._read_meta(hint)
+        self._arrays = {name: self._open_array(name, hint) for name in _ARRAYS}
+
+    def _read_meta(self, hint: str) -> dict[str, Any]:
+        """Load meta.json and check the fields the reader relies on."""
+        path = self.root / "meta.json"
+        if not path.is_file():
+            raise DataError(
+                f"{self.root} is not a complete LunarLander data set: {path.name} is missing "
+                f"(generation may have been interrupted, or this is another directory). "
+                f"Delete {self.root} and {hint}."
+            )
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(
+                f"{path} cannot be read as JSON ({err}); the data set is corrupt. Delete {self.root} and {hint}."
+            ) from err
+        missing = [key for key in _META_KEYS if not isinstance(meta, dict) or key not in meta]
+        if missing:
+            raise DataError(
+                f"{path} lacks {', '.join(missing)}; the data set is corrupt or not a LunarLander "
+                f"data set. Delete {self.root} and {hint}."
+            )
+        if meta["format_version"] != FORMAT_VERSION:
+            raise DataError(
+                f"{self.root} has LunarLander data format version {meta['format_version']!r}, but "
+                f"this code reads version {FORMAT_VERSION}. Regenerate it: delete {self.root} "
+                f"and {hint}."
+            )
+        if list(meta["state_fields"]) != list(STATE_FIELDS):
+            raise DataError(
+                f"{path} lists state fields {meta['state_fields']}, expected "
+                f"{list(STATE_FIELDS)}; the data set is corrupt. Delete {self.root} and {hint}."
+            )
+        return meta
+
+    def _open_array(self, name: str, hint: str) -> np.ndarray:
+        """Memory-map one array and check its dtype and shape against meta.json."""
+        path = self.root / f"{name}.npy"
+        if not path.is_file():
+            raise DataError(
+                f"{self.root} is not a complete LunarLander data set: {path.name} is missing. "
+                f"Delete {self.root} and {hint}."
+            )
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise DataError(
+                f"{path} cannot be read as a .npy array ({err}); the data set is corrupt. "
+                f"Delete {self.root} and {hint}."
+            ) from err
+        dtype = _ARRAYS[name][0]
+        shape = _array_shape(name, self._meta["num_frames"], self._meta["size"])
+        if array.dtype != dtype or array.shape != shape:
+            raise DataError(
+                f"{path} holds {array.dtype} {array.shape} but meta.json implies {dtype} {shape}; "
+                f"the data set is corrupt or was modified. Delete {self.root} and {hint}."
+            )
+        return array
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The contents of meta.json (a copy)."""
+        return dict(self._meta)
+
+    @property
+    def size(self) -> int:
+        """Frame height and width in pixels."""
+        return int(self._meta["size"])
+
+    @property
+    def frames(self) -> np.ndarray:
+        """All frames, a read-only memmap uint8 [N, size, size, 3]."""
+        return self._arrays["frames"]
+
+    @property
+    def states(self) -> np.ndarray:
+        """All observations, a read-only memmap float32 [N, 8], columns as in STATE_FIELDS."""
+        return self._arrays["states"]
+
+    @property
+    def episodes(self) -> np.ndarray:
+        """Episode id of every frame, int64 [N], non-decreasing."""
+        return self._arrays["episodes"]
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Step within its episode of every frame, int32 [N]; 0 is the frame right after reset."""
+        return self._arrays["steps"]
+
+    def __len__(self) -> int:
+        return len(self._arrays["frames"])
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame i, uint8 [size, size, 3] RGB (a writable copy)."""
+        return np.array(self._arrays["frames"][i])
+
+    def state(self, i: int) -> np.ndarray:
+        """The observation at the instant of frame i, float32 [8]."""
+        return np.array(self._arrays["states"][i])
+
+    def episode(self, i: int) -> int:
+        """The episode frame i belongs to."""
+        return int(self._arrays["episodes"][i])
+
+    def on_screen_mask(self) -> np.ndarray:
+        """True for frames whose lander is on screen (-1 <= x <= 1 and -0.5 <= y <= 1.5)."""
+        x = self.states[:, 0]
+        y = self.states[:, 1]
+        return (x >= -1) & (x <= 1) & (y >= -0.5) & (y <= 1.5)
+
+    def split_by_episode(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """Frame indices of (first episodes, last `fraction` of episodes); no episode is in both.
+
+        The number of held-out episodes is round(fraction * episodes), kept between 1 and
+        episodes - 1 so neither side is empty.
+        """
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be strictly between 0 and 1, got {fraction}.")
+        episodes = np.asarray(self.episodes)
+        ids = np.unique(episodes)
+        if len(ids) < 2:
+            raise DataError(
+                f"{self.root} holds a single episode, which cannot be split by episode. "
+                f"Generate more frames (--frames) or shorter episodes."
+            )
+        num_second = min(max(round(fraction * len(ids)), 1), len(ids) - 1)
+        second = np.isin(episodes, ids[len(ids) - num_second :])
+        return np.flatnonzero(~second), np.flatnonzero(second)
+
+
+# ----------------------------------------------------------------------------- as a registered data set
+
+
+def frame_size_for(img_size: int) -> int:
+    """The frame size to generate for a model of ``img_size`` pixels: itself when valid, else 64."""
+    return img_size if img_size >= MIN_SIZE and (img_size - MIN_SIZE) % SIZE_STEP == 0 else MIN_SIZE
+
+
+def prepare_lunarlander(cfg: DataConfig, img_size: int) -> None:
+    """Generate ``cfg.generate_frames`` frames at ``cfg.root`` unless a data set is there already."""
+    root = Path(cfg.root)
+    if cfg.generate_frames > 0 and not (root / "meta.json").exists():
+        size = frame_size_for(img_size)
+        logger.info("no LunarLander data at %s: generating %d frames of %d px", root, cfg.generate_frames, size)
+        generate_lunarlander(
+            root, cfg.generate_frames, size=size, num_workers=max(1, cfg.num_workers), seed=cfg.generate_seed
+        )
+
+
+@register_dataset("lunarlander", prepare=prepare_lunarlander)
+def open_lunarlander(cfg: DataConfig, img_size: int) -> BaseDataset:
+    return LunarLanderImages(LunarLanderFrames(Path(cfg.root)))
+
+
+class LunarLanderImages(Dataset):
+    """LunarLander frames as PIL images, labelled with the lander's 8-value state."""
+
+    def __init__(self, frames: LunarLanderFrames) -> None:
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, torch.Tensor]:
+        image = Image.fromarray(np.asarray(self.frames.frame(index)))
+        return image, torch.from_numpy(np.array(self.frames.state(index), dtype=np.float32))
+
+    def split(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """Index arrays with the last ``fraction`` of episodes second: no episode on both sides."""
+        return self.frames.split_by_episode(fraction)

@@ -1,0 +1,35 @@
+"""Runs on this machine: train a run directory to its end (or a stop signal), or evaluate one."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from launcher.data import prepare
+from launcher.experiment import ExperimentConfig
+from launcher.stopping import StopRequest, install_stop_handlers
+from launcher.trainer import FitResult, Trainer
+
+
+def prepare_data(cfg: ExperimentConfig) -> None:
+    """Make the run's data sets where this project makes them (LunarLander), before anything trains."""
+    for data in cfg.data_sets():
+        prepare(data, cfg.method.img_size)
+
+
+def run_training(cfg: ExperimentConfig, run_dir: Path) -> tuple[Trainer, FitResult]:
+    """Train ``cfg`` in ``run_dir`` from its newest checkpoint; Ctrl-C, SIGTERM, SIGUSR2 checkpoint and stop."""
+    prepare_data(cfg)
+    stop = StopRequest()
+    install_stop_handlers(stop, (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2))
+    trainer = Trainer(cfg, run_dir, stop)
+    trainer.resume()
+    return trainer, trainer.fit()
+
+
+def evaluate_run(cfg: ExperimentConfig, run_dir: Path) -> dict:
+    """Evaluate the newest checkpoint of ``run_dir`` (or the model as built when there is none)."""
+    prepare_data(cfg)
+    trainer = Trainer(cfg, run_dir)
+    trainer.resume()
+    return trainer.evaluate()

@@ -1,0 +1,71 @@
+"""``RUN/launch.json``: the record of a SLURM run's profile, submissions, attempts and last error.
+
+Written by the submitting process (profile, resources, one entry per submitted job) and by
+rank 0 of each job (one entry per attempt: running, requeued, finished, failed, ...).
+Replaced atomically, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import RunDirError
+
+LAUNCH_JSON = "launch.json"
+
+
+def read_launch(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / LAUNCH_JSON
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} has no {LAUNCH_JSON}: it is not a SLURM run of this tool")
+    return json.loads(path.read_text())
+
+
+def write_launch(run_dir: Path, record: dict[str, Any]) -> None:
+    tmp = Path(run_dir) / f".{LAUNCH_JSON}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, Path(run_dir) / LAUNCH_JSON)
+
+
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def record_attempt(
+    run_dir: Path, job_id: str, attempt: int, outcome: str, step: int | None = None, error: str | None = None
+) -> None:
+    """Add or update the entry of (job, attempt) in RUN/launch.json.
+
+    A new attempt of a job means SLURM requeued it: an earlier attempt still marked running
+    (killed before it could report, e.g. at the end of a preemption's grace time) or
+    terminated (it checkpointed on SIGTERM) is recorded as requeued by SLURM.
+    """
+    try:
+        record = read_launch(run_dir)
+    except (RunDirError, json.JSONDecodeError):
+        record = {"jobs": []}
+    attempts = record.setdefault("attempts", [])
+    entry = next((a for a in attempts if a["job_id"] == job_id and a["attempt"] == attempt), None)
+    if entry is None:
+        for earlier in attempts:
+            if (
+                earlier["job_id"] == job_id
+                and earlier["attempt"] < attempt
+                and earlier["outcome"] in ("running", "terminated")
+            ):
+                earlier.update(outcome="requeued", by="slurm")
+        entry = {"job_id": job_id, "attempt": attempt, "started": now()}
+        attempts.append(entry)
+    entry["outcome"] = outcome
+    if outcome != "running":
+        entry["ended"] = now()
+    if step is not None:
+        entry["step"] = step
+    if error is not None:
+        entry["error"] = error
+        record["last_error"] = error
+    write_launch(run_dir, record)

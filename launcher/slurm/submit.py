@@ -1,0 +1,385 @@
+"""ONE plan from a command to the cluster: a dry-run text, or a submitted, recorded job.
+
+Every command that runs on SLURM (``pretrain``, ``finetune``, ``linprobe``, ``tune``, ``resume``)
+describes its work (``TrainingWork``, ``ResumeWork``, ``SweepWork``) and calls ``submit`` once.
+``submit`` takes the same steps for all of them, in this order, so that bad input fails before
+anything is written or submitted: the profile and the flags that override it, the directory
+(shared by every node), the work's own checks (an existing run of another config, a batch that
+does not divide over the ranks), then, for a dry run, the partition and the exact sbatch script;
+otherwise the live cluster checks (``sbatch``, partition, node count), no active job in the
+directory, the work's files (``config.yaml`` / ``sweep.yaml``), the job, and ``launch.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.config import build_dataclass, dump_yaml, to_dict
+from launcher.errors import ConfigError, RunDirError
+from launcher.slurm.control import check_not_active
+from launcher.slurm.jobs import RaySweepJob, TrainingJob
+from launcher.slurm.profiles import (
+    ClusterProfile,
+    Resources,
+    SlurmError,
+    check_shared,
+    load_profile,
+    parse_time,
+    resolve_resources,
+)
+from launcher.slurm.records import LAUNCH_JSON, now, read_launch, write_launch
+
+
+@dataclass
+class Request:
+    """What the command line asks of the cluster; unset flags take the profile's values."""
+
+    cluster: str
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    partition: str | None = None
+    time: str | None = None
+    max_requeues: int = 10
+
+
+class Work:
+    """What a job runs and where its files go; subclasses fill in the parts that differ."""
+
+    job_name: str
+    max_requeues: int | None = None  # None: the request's
+
+    def directory(self, profile: ClusterProfile) -> Path:
+        """Where the job's files go (absolute)."""
+        raise NotImplementedError
+
+    def resources(self, request: Request) -> tuple[ClusterProfile, Resources]:
+        profile = load_profile(request.cluster)
+        time_min = None if request.time is None else parse_time(request.time)
+        return profile, resolve_resources(
+            request.cluster, profile, request.nodes, request.gpus_per_node, request.partition, time_min
+        )
+
+    def check(self, directory: Path, res: Resources) -> bool:
+        """Refuse what cannot run; whether the directory holds this work already (it resumes)."""
+        raise NotImplementedError
+
+    def write(self, directory: Path) -> None:
+        """The files the job reads (written only once every check has passed)."""
+
+    def body(self, directory: Path, res: Resources, max_requeues: int) -> Any:
+        """The picklable callable every task of the job runs."""
+        raise NotImplementedError
+
+    def sbatch_parameters(self, profile: ClusterProfile, res: Resources) -> dict[str, Any]:
+        return sbatch_parameters(profile, res, self.job_name)
+
+    def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
+        raise NotImplementedError
+
+    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
+        raise NotImplementedError
+
+
+@dataclass
+class Submission:
+    text: str  # what to show the user: the dry run's config and script, or where the job went
+    job_id: str | None = None  # None for a dry run
+
+
+def submit(work: Work, request: Request, dry_run: bool = False) -> Submission:
+    """Check, then render (dry run) or submit ``work`` as one SLURM job."""
+    profile, res = work.resources(request)
+    max_requeues = request.max_requeues if work.max_requeues is None else work.max_requeues
+    if max_requeues < 0:
+        raise ConfigError("--max-requeues must be >= 0")
+    directory = work.directory(profile)
+    check_shared(directory, "run directory")
+    resuming = work.check(directory, res)
+    if dry_run:
+        if shutil.which("sbatch"):
+            check_partition(res)
+        script = render_sbatch(work.sbatch_parameters(profile, res), directory, max_requeues)
+        return Submission(work.dry_run_text(directory, resuming, res, script))
+    check_cluster(res)
+    if resuming and (directory / LAUNCH_JSON).is_file():
+        check_not_active(directory)
+    work.write(directory)
+    job_id = submit_recorded(
+        work.body(directory, res, max_requeues),
+        directory,
+        profile,
+        res,
+        work.sbatch_parameters(profile, res),
+        max_requeues,
+    )
+    return Submission(work.submitted_text(job_id, directory, resuming, res), job_id)
+
+
+# ----------------------------------------------------------------------------- the kinds of work
+
+
+def _follow_hints(directory: Path) -> str:
+    return f"  launch status {directory}\n  launch logs {directory} -f\n  launch cancel {directory}"
+
+
+class TrainingWork(Work):
+    """A training run (pretrain, finetune, linprobe): ``TrainingJob`` on every rank."""
+
+    def __init__(self, cfg: Any, experiment: Path, run_dir: Path | None, default_name: str) -> None:
+        self.cfg, self.experiment = cfg, experiment
+        self.run_dir, self.default_name = run_dir, default_name
+        self.job_name = f"launch-{cfg.method.name}"
+
+    def directory(self, profile: ClusterProfile) -> Path:
+        return Path(self.run_dir or Path(profile.runs_dir) / self.default_name).resolve()
+
+    def check(self, directory: Path, res: Resources) -> bool:
+        from launcher.runs import check_run_dir
+
+        train, world = self.cfg.train, res.nodes * res.tasks_per_node
+        if train.global_batch_size % (train.micro_batch_size * world):
+            raise ConfigError(
+                f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
+                f"train.micro_batch_size x processes ({train.micro_batch_size} x {world}); "
+                f"change one of them or the number of nodes/GPUs"
+            )
+        return check_run_dir(directory, self.cfg)
+
+    def write(self, directory: Path) -> None:
+        from launcher.runs import write_config
+
+        write_config(directory, self.cfg)
+
+    def body(self, directory: Path, res: Resources, max_requeues: int) -> TrainingJob:
+        return TrainingJob(str(directory), res.gpus_per_node > 0, max_requeues)
+
+    def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
+        return (
+            f"# experiment: {self.experiment}\n# run directory: {directory}"
+            f"{' (exists: would resume)' if resuming else ''}\n"
+            f"# cluster {res.cluster}: {res.nodes} node(s) x {res.tasks_per_node} task(s), "
+            f"partition {res.partition}, {res.time_min} min\n{dump_yaml(self.cfg)}# sbatch script\n{script}"
+        )
+
+    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
+        return (
+            f"submitted job {job_id} to {res.cluster} ({res.nodes} node(s), partition {res.partition})\n"
+            f"run directory {directory}{' (resuming)' if resuming else ''}\n{_follow_hints(directory)}"
+        )
+
+
+class ResumeWork(TrainingWork):
+    """``launch resume RUN``: the run's recorded config, profile and resources, submitted again."""
+
+    def __init__(self, run_dir: Path, max_requeues: int | None) -> None:
+        from launcher.config import read_yaml
+        from launcher.experiment import experiment_from_dict
+        from launcher.runs import CONFIG
+
+        run_dir = Path(run_dir).resolve()
+        self.record = read_launch(run_dir)
+        if not (run_dir / CONFIG).is_file():
+            raise RunDirError(f"{run_dir} has no {CONFIG}; nothing to resume")
+        super().__init__(experiment_from_dict(read_yaml(run_dir / CONFIG)), run_dir / CONFIG, run_dir, run_dir.name)
+        self.max_requeues = self.record.get("max_requeues", 10) if max_requeues is None else max_requeues
+
+    def resources(self, request: Request) -> tuple[ClusterProfile, Resources]:
+        return (
+            build_dataclass(ClusterProfile, self.record["profile"], "recorded profile"),
+            Resources(**self.record["resources"]),
+        )
+
+    def write(self, directory: Path) -> None:
+        """Nothing: the run directory holds its config already."""
+
+    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
+        return f"submitted job {job_id}; run directory {directory} resumes from its newest checkpoint"
+
+
+SWEEP_MAX_REQUEUES = 10  # preemptions requeue the sweep job; each attempt restores the sweep
+
+
+class SweepWork(Work):
+    """A study's Ray Tune sweep on a Ray cluster of the job's nodes: ``RaySweepJob``, one task per node."""
+
+    max_requeues = SWEEP_MAX_REQUEUES
+
+    def __init__(self, study: str, sweep: Any, experiment: Path, storage: Path | None, resume: bool) -> None:
+        self.study, self.sweep, self.experiment = study, sweep, experiment
+        self.storage, self.resume = storage, resume
+        self.job_name = f"launch-tune-{sweep.name}"
+
+    def directory(self, profile: ClusterProfile) -> Path:
+        self.storage = Path(self.storage or profile.runs_dir).resolve()
+        check_shared(self.storage, "sweep storage (--storage)")
+        return self.sweep.directory(self.storage)
+
+    def check(self, directory: Path, res: Resources) -> bool:
+        resuming = self.sweep.check_directory(directory)
+        if self.resume and not resuming:
+            raise ConfigError(f"--resume: there is no sweep at {directory} to resume; run without --resume to start it")
+        return resuming
+
+    def write(self, directory: Path) -> None:
+        self.sweep.write(directory)
+
+    def body(self, directory: Path, res: Resources, max_requeues: int) -> RaySweepJob:
+        return RaySweepJob(self.study, str(directory), str(self.storage), res.gpus_per_node)
+
+    def sbatch_parameters(self, profile: ClusterProfile, res: Resources) -> dict[str, Any]:
+        """One task per node, holding all of its CPUs and GPUs."""
+        params = sbatch_parameters(profile, res, self.job_name)
+        params.update(ntasks_per_node=1, cpus_per_task=profile.cpus_per_task * res.tasks_per_node)
+        return params
+
+    def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
+        return (
+            f"# sweep {self.sweep.name}: {self.sweep.num_trials} trials from {self.experiment}\n"
+            f"# sweep directory: {directory}{' (exists: would restore)' if resuming else ''}\n"
+            f"# cluster {res.cluster}: a Ray cluster of {res.nodes} node(s), partition {res.partition}, "
+            f"{res.time_min} min\n# sbatch script\n{script}"
+        )
+
+    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
+        return (
+            f"submitted job {job_id} to {res.cluster} (a Ray cluster of {res.nodes} node(s), partition "
+            f"{res.partition}): sweep {self.sweep.name}, {self.sweep.num_trials} trials"
+            f"{' (restoring)' if resuming else ''}\nsweep directory {directory}\n{_follow_hints(directory)}\n"
+            f"  launch report {directory}   # once it has finished"
+        )
+
+
+# ----------------------------------------------------------------------------- sbatch through submitit
+
+
+def sbatch_parameters(profile: ClusterProfile, res: Resources, job_name: str) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters (its names) for one job."""
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "partition": res.partition,
+        "time": res.time_min,
+        "nodes": res.nodes,
+        "ntasks_per_node": res.tasks_per_node,
+        "cpus_per_task": profile.cpus_per_task,
+        "signal_delay_s": profile.signal_delay_s,
+        "stderr_to_stdout": True,  # one log per task: RUN/slurm/subK/JOB_TASK_log.out
+        # A rank that dies takes the others with it instead of leaving them to the time limit.
+        "srun_args": ["--kill-on-bad-exit=1", "--wait=60"],
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    if profile.mem_gb is not None:
+        params["mem"] = (
+            f"{int(profile.mem_gb)}GB" if profile.mem_gb == int(profile.mem_gb) else f"{int(profile.mem_gb * 1024)}MB"
+        )
+    for key in ("account", "qos", "constraint"):
+        if getattr(profile, key) is not None:
+            params[key] = getattr(profile, key)
+    if profile.setup:
+        params["setup"] = list(profile.setup)
+    return params
+
+
+def _executor(folder: Path, max_requeues: int, render_only: bool = False):
+    from submitit.slurm.slurm import SlurmExecutor
+
+    if render_only:  # the same executor, minus its check that srun exists
+
+        class RenderOnly(SlurmExecutor):
+            @classmethod
+            def affinity(cls) -> int:
+                return 1
+
+        return RenderOnly(folder, max_num_timeout=max_requeues)
+    return SlurmExecutor(folder, max_num_timeout=max_requeues)
+
+
+def next_submission_folder(directory: Path) -> Path:
+    """A fresh submitit folder per submission: job ids restart when a cluster is rebuilt."""
+    k = 1
+    while (directory / "slurm" / f"sub{k}").exists():
+        k += 1
+    return directory / "slurm" / f"sub{k}"
+
+
+def render_sbatch(parameters: dict[str, Any], directory: Path, max_requeues: int) -> str:
+    """The exact sbatch script a submission into ``directory`` would write now."""
+    executor = _executor(next_submission_folder(directory), max_requeues, render_only=True)
+    executor.update_parameters(**parameters)
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+def submit_recorded(
+    job_body: Any,
+    directory: Path,
+    profile: ClusterProfile,
+    res: Resources,
+    parameters: dict[str, Any],
+    max_requeues: int,
+) -> str:
+    """Submit ``job_body`` with submitit into ``directory/slurm/subK`` and record it in ``launch.json``."""
+    folder = next_submission_folder(directory)
+    executor = _executor(folder, max_requeues)
+    executor.update_parameters(**parameters)
+    try:
+        record = read_launch(directory)
+    except RunDirError:
+        record = {"jobs": [], "attempts": []}
+    record.update(
+        {
+            "cluster": res.cluster,
+            "profile": to_dict(profile),
+            "resources": dataclasses.asdict(res),
+            "max_requeues": max_requeues,
+        }
+    )
+    write_launch(directory, record)  # before the job starts: its rank 0 adds its attempts here
+    job = executor.submit(job_body)
+    record = read_launch(directory)
+    record["jobs"].append({"job_id": job.job_id, "folder": str(folder.relative_to(directory)), "submitted": now()})
+    write_launch(directory, record)
+    return job.job_id
+
+
+# ----------------------------------------------------------------------------- live cluster checks
+
+
+def check_cluster(res: Resources) -> None:
+    """Fail before anything is written if SLURM is missing or cannot run this job."""
+    if shutil.which("sbatch") is None:
+        raise SlurmError(
+            "no `sbatch` on PATH: this machine is not a SLURM login node. Run on one, start "
+            "the local test cluster (`bash slurm/local-cluster.sh up`), or use --local."
+        )
+    check_partition(res)
+
+
+def check_partition(res: Resources) -> None:
+    if shutil.which("sinfo") is None:
+        return
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-p", res.partition, "-o", "%D"], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        raise SlurmError("`sinfo` did not answer in 30 s: is the SLURM controller up?") from None
+    if out.returncode != 0:
+        raise SlurmError(f"`sinfo` failed ({out.stderr.strip()}): is the SLURM controller up?")
+    counts = [int(x) for x in out.stdout.split() if x.isdigit()]
+    if not counts:
+        known = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
+        names = sorted(set(known.stdout.split()))
+        raise SlurmError(
+            f"partition {res.partition!r} does not exist on this cluster; partitions: "
+            f"{', '.join(names) or 'none'}. Pass --partition or fix the profile."
+        )
+    if res.nodes > sum(counts):
+        raise SlurmError(
+            f"--nodes {res.nodes} is more than partition {res.partition!r} has "
+            f"({sum(counts)} nodes); ask for fewer nodes"
+        )

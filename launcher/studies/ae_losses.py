@@ -1,0 +1,276 @@
+"""The autoencoder loss study (``launch tune ae-losses``): six procedures judged by predictors on their embeddings.
+
+A sweep file (``experiments/tune/ae_losses*.yaml``) names a grid: procedures x latent sizes z
+x KL weights γ x seeds x data sets. Every trial trains one autoencoder with the project's
+trainer (checkpointed in the trial's directory, so a restarted trial resumes), embeds the
+predictor and test sets with μ, trains the predictor grid on those embeddings
+(``predictors.py``) and reports the best predictor's test score together with the
+autoencoder's wall-clock training time per epoch. The grid runs through the generic Ray
+Tune driver (``launcher.tune``), locally or on a Ray cluster inside one SLURM job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from launcher.config import EXPERIMENTS_DIR, build_dataclass, read_yaml, to_dict
+from launcher.data import DataConfig, open_dataset, prepare
+from launcher.errors import ConfigError
+from launcher.experiment import ExperimentConfig
+from launcher.trainer import OptimConfig, TrainConfig
+from methods.autoencoders import PROCEDURES
+
+log = logging.getLogger(__name__)
+
+TUNE_DIR = EXPERIMENTS_DIR / "tune"
+SWEEP_FILE = "sweep.yaml"
+
+
+@dataclass
+class PredictorSetup:
+    """The downstream predictors every trial trains on its embeddings."""
+
+    hidden_sizes: tuple[tuple[int, ...], ...] = ((), (32,), (64,), (32, 32), (64, 32), (64, 64), (128, 128))
+    max_epochs: int = 500
+    patience: int = 25
+    batch_size: int = 512
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not self.hidden_sizes or min(self.max_epochs, self.patience, self.batch_size) <= 0 or self.lr <= 0:
+            raise ValueError("predictors need hidden_sizes and positive max_epochs, patience, batch_size, lr")
+
+
+@dataclass
+class SweepDataset:
+    """One data set of the sweep: where its three sets are and what the predictors predict."""
+
+    task: Literal["classification", "regression"]
+    autoencoder: DataConfig  # the set the autoencoders train on
+    predictor: DataConfig  # predictors train on it; its last validation_fraction validates them
+    test: DataConfig
+    img_size: int = 64
+    targets: tuple[int, ...] = ()  # regression: label columns to predict (LunarLander: x, y)
+    on_screen_only: bool = False  # LunarLander: predictor and test frames with the lander on screen
+    validation_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.task == "regression" and not self.targets:
+            raise ValueError("a regression data set needs targets (label columns)")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+
+
+@dataclass
+class SweepConfig:
+    name: str
+    datasets: dict[str, SweepDataset]
+    procedures: tuple[str, ...] = tuple(PROCEDURES)
+    z: tuple[int, ...] = (64, 128)
+    gamma: tuple[float, ...] = (0.0, 0.01)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    loss_network: str = "efficientnet_lite0"
+    loss_network_weights: str | None = None
+    loss_network_sigmoid: bool = True
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            blr=5e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_epochs=0.0, min_lr=1e-3
+        )
+    )
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            num_epochs=50, global_batch_size=512, micro_batch_size=512, log_every=1, checkpoint_every=200
+        )
+    )
+    predictors: PredictorSetup = field(default_factory=PredictorSetup)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 2  # retries of a failed trial
+
+    def __post_init__(self) -> None:
+        unknown = set(self.procedures) - set(PROCEDURES)
+        if unknown:
+            raise ValueError(f"unknown procedure(s) {sorted(unknown)}; known: {', '.join(PROCEDURES)}")
+        if not (self.datasets and self.procedures and self.z and self.gamma and self.seeds):
+            raise ValueError("a sweep needs at least one data set, procedure, z, gamma and seed")
+        if self.train.log_every != 1:
+            raise ValueError("train.log_every must be 1: the time per epoch is summed from every step")
+
+    @property
+    def num_trials(self) -> int:
+        return len(self.procedures) * len(self.z) * len(self.gamma) * len(self.seeds) * len(self.datasets)
+
+    @property
+    def grid(self) -> dict[str, list]:
+        return {
+            "procedure": list(self.procedures),
+            "z": list(self.z),
+            "gamma": list(self.gamma),
+            "seed": list(self.seeds),
+            "dataset": list(self.datasets),
+        }
+
+    def directory(self, storage: Path) -> Path:
+        return (Path(storage) / self.name).resolve()
+
+    def check_directory(self, path: Path) -> bool:
+        """Refuse a directory that holds something else; True if it holds this sweep already."""
+        if path.exists() and not (path / SWEEP_FILE).exists():
+            raise ConfigError(f"{path} exists but is not a sweep of this tool; choose another --storage or sweep name")
+        if (path / SWEEP_FILE).exists() and read_yaml(path / SWEEP_FILE) != to_dict(self):
+            raise ConfigError(
+                f"{path} holds a sweep with a different configuration; rename the sweep (name: ...) "
+                f"or remove that directory to start over"
+            )
+        return path.exists()
+
+    def write(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / SWEEP_FILE).write_text(json.dumps(to_dict(self)))  # JSON is valid YAML
+
+
+def load_sweep(path: Path, only_dataset: str | None = None) -> SweepConfig:
+    raw = read_yaml(path)
+    sweep = build_dataclass(SweepConfig, raw, "sweep")
+    if only_dataset is not None:
+        if only_dataset not in sweep.datasets:
+            raise ConfigError(f"sweep {path} has no data set {only_dataset!r}; it has {', '.join(sweep.datasets)}")
+        sweep.datasets = {only_dataset: sweep.datasets[only_dataset]}
+    return sweep
+
+
+def trial_experiment(sweep: SweepConfig, trial: dict[str, Any]) -> ExperimentConfig:
+    """The experiment one trial trains: the procedure at (z, γ, seed) on the data set's AE set."""
+    from methods import get_method
+
+    spec = sweep.datasets[trial["dataset"]]
+    try:
+        method = get_method(trial["procedure"]).make_config(
+            img_size=spec.img_size,
+            z=trial["z"],
+            gamma=trial["gamma"],
+            loss_network=sweep.loss_network,
+            loss_network_weights=sweep.loss_network_weights,
+            loss_network_sigmoid=sweep.loss_network_sigmoid,
+        )
+    except ValueError as e:
+        raise ConfigError(f"trial {trial}: {e}") from None
+    return ExperimentConfig(
+        method=method,
+        data=spec.autoencoder,
+        optim=sweep.optim,
+        train=dataclasses.replace(sweep.train, seed=trial["seed"]),
+    )
+
+
+# ----------------------------------------------------------------------------- one trial
+
+
+def embed_set(model, data: DataConfig, spec: SweepDataset) -> tuple[np.ndarray, np.ndarray, Any]:
+    """μ embeddings and labels of a whole set (no augmentation), and (data set, kept indices) for splitting."""
+    from launcher.data.transforms import build_transform
+    from launcher.embeddings import embed_dataset
+
+    base = open_dataset(data, spec.img_size)
+    keep = np.arange(len(base))
+    if spec.on_screen_only:
+        keep = keep[base.frames.on_screen_mask()]
+    model.eval()
+    x, y = embed_dataset(
+        model.embed, base, build_transform(data, spec.img_size, train=False), keep, next(model.parameters()).device
+    )
+    if spec.task == "regression":
+        y = y[:, list(spec.targets)].astype(np.float32)
+    return x, y, (base, keep)
+
+
+def run_trial(trial: dict[str, Any], trial_dir: Path, sweep: SweepConfig) -> dict[str, Any]:
+    """Train one autoencoder, then its predictors; returns the metrics to report."""
+    from launcher.studies.predictors import Split, fit_predictors
+    from launcher.trainer import Trainer
+
+    spec = sweep.datasets[trial["dataset"]]
+    cfg = trial_experiment(sweep, trial)
+    trainer = Trainer(cfg, trial_dir / "autoencoder")
+    trainer.resume()
+    result = trainer.fit()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+
+    start = time.perf_counter()
+    x, y, (base, kept) = embed_set(model, spec.predictor, spec)
+    test_x, test_y, _ = embed_set(model, spec.test, spec)
+    # Split by the data set's own rule (LunarLander: whole episodes), among the kept samples.
+    _, val_idx = base.split(spec.validation_fraction)
+    is_val = np.isin(kept, val_idx)
+    results = fit_predictors(
+        Split(x[~is_val], y[~is_val]),
+        Split(x[is_val], y[is_val]),
+        Split(test_x, test_y),
+        spec.task,
+        grid=sweep.predictors.hidden_sizes,
+        seed=trial["seed"],
+        max_epochs=sweep.predictors.max_epochs,
+        patience=sweep.predictors.patience,
+        batch_size=sweep.predictors.batch_size,
+        lr=sweep.predictors.lr,
+    )
+    best = min(results, key=lambda r: r.val_loss)
+    score = "accuracy" if spec.task == "classification" else "r2"
+    return {
+        "score": best.test[score],
+        "score_name": score,
+        **{f"test_{k}": v for k, v in best.test.items()},
+        "best_hidden": list(best.hidden),
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "final_loss": result.loss,
+        "predictor_seconds": time.perf_counter() - start,
+        "predictors": [{"hidden": list(r.hidden), "val_loss": r.val_loss, **r.test} for r in results],
+        "hostname": socket.gethostname(),  # the node that ran the trial
+    }
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def prepare_data(sweep: SweepConfig) -> None:
+    """Make and open every set once here, before any trial: missing files fail now."""
+    for spec in sweep.datasets.values():
+        for data in (spec.autoencoder, spec.predictor, spec.test):
+            prepare(data, spec.img_size)
+            open_dataset(data, spec.img_size)
+
+
+def run(sweep: SweepConfig, storage: Path, address: str | None = None, num_nodes: int | None = None) -> Path:
+    """Run (or, when its directory exists, restore and finish) the sweep; returns its directory."""
+    from launcher.tune.driver import run_sweep
+
+    path = sweep.directory(storage)
+    sweep.check_directory(path)
+    prepare_data(sweep)
+    sweep.write(path)
+    run_sweep(
+        functools.partial(run_trial, sweep=sweep),
+        sweep.grid,
+        path,
+        resources={"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial},
+        metric="score",
+        max_failures=sweep.max_failures,
+        address=address,
+        num_nodes=num_nodes,
+    )
+    return path
+
+
+def run_sweep_file(sweep_dir: Path, storage: Path, address: str, num_nodes: int) -> Path:
+    """The sweep of ``SWEEP/sweep.yaml`` on an existing Ray cluster (a SLURM sweep job's head)."""
+    return run(load_sweep(sweep_dir / SWEEP_FILE), storage, address, num_nodes)

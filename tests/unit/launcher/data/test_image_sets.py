@@ -1,0 +1,89 @@
+"""Image folders, STL-10 binaries and SVHN .mat files, read from files in their real formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+from launcher.data import DataConfig, open_dataset
+from launcher.data.image_sets import STL10, SVHN
+from launcher.errors import DataError
+from tests.helpers import write_stl10
+
+
+def test_imagefolder_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is not a directory"):
+        open_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "missing")), 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="one sub-directory per class"):
+        open_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "empty")), 32)
+    with pytest.raises(DataError, match="data.root is not set"):
+        open_dataset(DataConfig(name="imagefolder"), 32)
+
+
+def test_imagefolder_labels(image_folder: Path) -> None:
+    base = open_dataset(DataConfig(name="imagefolder", root=str(image_folder)), 32)
+    assert len(base) == 36
+    labels = sorted({int(base[i][1]) for i in range(len(base))})
+    assert labels == [0, 1, 2]
+
+
+def test_stl10_reads_the_column_major_layout(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)
+    images[0, :, :, 0] = np.arange(96)[:, None]  # red grows down the rows
+    labels = np.array([0, 3, 9, 1, 2])
+    write_stl10(tmp_path / "stl10_binary", "train", images, labels)
+    write_stl10(tmp_path / "stl10_binary", "unlabeled", images[:3], None)
+    train = STL10(tmp_path, "train")
+    assert len(train) == 5
+    assert (train.image(0)[:, 7, 0] == np.arange(96)).all()
+    for i in range(5):
+        assert np.array_equal(train.image(i), images[i]) and train.label(i) == labels[i]
+    unlabeled = open_dataset(DataConfig(name="stl10", root=str(tmp_path), split="unlabeled"), 96)
+    image, label = unlabeled[2]
+    assert np.array_equal(np.asarray(image), images[2]) and int(label) == -1
+
+
+def test_stl10_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="train_X.bin is missing"):
+        STL10(tmp_path, "train")
+    with pytest.raises(DataError, match="no split 'extra'"):
+        STL10(tmp_path, "extra")
+    (tmp_path / "train_X.bin").write_bytes(b"\0" * 1000)
+    with pytest.raises(DataError, match="not a whole number"):
+        STL10(tmp_path, "train")
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_svhn_mat_files_convert_and_wrap_pad(tmp_path: Path, compressed: bool) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (32, 32, 3, 7), dtype=np.uint8)  # MATLAB's H x W x C x N
+    y = np.array([[10], [1], [2], [3], [4], [5], [9]], dtype=np.float64)  # 10 is the digit 0
+    scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": x, "y": y}, do_compression=compressed)
+    svhn = SVHN(tmp_path, "train")
+    assert len(svhn) == 7 and (tmp_path / "train_32x32.X.npy").is_file()
+    for i in range(7):
+        assert np.array_equal(svhn.image(i), x[:, :, :, i])
+    assert [svhn.label(i) for i in range(7)] == [0, 1, 2, 3, 4, 5, 9]
+    padded = open_dataset(DataConfig(name="svhn", root=str(tmp_path)), 64)
+    image, label = padded[3]
+    tile = np.asarray(image)
+    assert tile.shape == (64, 64, 3) and int(label) == 3
+    for r, c in ((0, 0), (0, 32), (32, 0), (32, 32)):  # the digit tiled 2 x 2
+        assert np.array_equal(tile[r : r + 32, c : c + 32], x[:, :, :, 3])
+
+
+def test_svhn_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="train_32x32.mat is missing"):
+        SVHN(tmp_path, "train")
+    (tmp_path / "test_32x32.mat").write_bytes(b"not a mat file" * 20)
+    with pytest.raises(DataError, match="not a little-endian MATLAB 5"):
+        SVHN(tmp_path, "test")
+    scipy.io.savemat(tmp_path / "extra_32x32.mat", {"X": np.zeros((28, 28, 3, 2), np.uint8), "y": np.ones((2, 1))})
+    with pytest.raises(DataError, match="not 32x32x3xN uint8"):
+        SVHN(tmp_path, "extra")
+    assert not list(tmp_path.glob(".*partial*"))

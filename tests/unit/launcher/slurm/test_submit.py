@@ -1,0 +1,74 @@
+"""The one submission plan without a cluster: bad input, dry runs, the exact sbatch script."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.experiment import load_experiment
+from launcher.slurm.submit import Request, TrainingWork, submit
+from tests.helpers import GOLDEN, fake_slurm, launch
+
+
+def test_the_sbatch_script_matches_the_golden_file(monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")  # no SLURM: the dry run renders without asking it
+    cfg = load_experiment(None, method="pcae")
+    work = TrainingWork(cfg, Path("pcae.yaml"), Path("/shared/runs/pretrain-x"), "unused")
+    text = submit(work, Request("local-test", nodes=2), dry_run=True).text
+    script = text.split("# sbatch script\n", 1)[1].replace(shlex.quote(sys.executable), "PYTHON")
+    assert script == (GOLDEN / "pretrain_local-test_2nodes.sbatch").read_text()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--nodes 2", "--nodes need a cluster profile: pass --cluster NAME (known profiles: local-test"),
+        ("--cluster nope", "unknown cluster profile 'nope'; known profiles: local-test"),
+        ("--cluster local-test --nodes 9", "max_nodes: 4"),
+        ("--cluster local-test --local", "--local runs on this machine"),
+        (
+            "--cluster local-test --partition gpu",
+            "partition 'gpu' does not exist on this cluster; partitions: debug, high",
+        ),
+        ("--cluster local-test --partition high --nodes 4", "more than partition 'high' has (2"),
+        ("--cluster local-test --nodes 3", "train.global_batch_size (4096) is not a multiple"),
+        ("--cluster local-test --run-dir /tmp/launch-run", "local to each machine"),
+        ("--cluster local-test --run-dir FILE/run", "is not writable"),
+        ("--cluster local-test --max-requeues -1", "--max-requeues must be >= 0"),
+    ],
+)
+def test_bad_slurm_input_exits_2_before_anything_is_written(
+    shared_tmp: Path, monkeypatch, capsys, flags: str, message: str
+) -> None:
+    fake_slurm(shared_tmp / "bin", {"debug": 4, "high": 2})  # its sbatch fails the test if called
+    monkeypatch.setenv("PATH", f"{shared_tmp / 'bin'}:/usr/bin:/bin")
+    (shared_tmp / "FILE").write_text("")
+    flags = flags.replace("FILE", str(shared_tmp / "FILE"))
+    if "--run-dir" not in flags:
+        flags += f" --run-dir {shared_tmp / 'runs' / 'x'}"
+    assert launch(f"pretrain pcae {flags}") == 2
+    assert message in capsys.readouterr().err
+    assert not (shared_tmp / "runs").exists()
+
+
+def test_no_sbatch_on_path_is_a_clear_error(shared_tmp: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", str(shared_tmp))
+    assert launch("pretrain pcae --cluster local-test --nodes 2 --run-dir", shared_tmp / "run") == 2
+    assert "no `sbatch` on PATH" in capsys.readouterr().err
+    assert not (shared_tmp / "run").exists()
+
+
+def test_dry_run_prints_config_run_dir_and_sbatch_script_and_submits_nothing(
+    shared_tmp: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("PATH", str(shared_tmp))  # no SLURM at all: a dry run still renders the script
+    run = shared_tmp / "shared" / "run"
+    assert launch("pretrain pcae --cluster local-test --nodes 2 --time 10 --dry-run --run-dir", run) == 0
+    out = capsys.readouterr().out
+    assert f"# run directory: {run}\n" in out and "method:\n  name: pcae" in out
+    assert "#SBATCH --nodes=2\n" in out and "#SBATCH --time=10\n" in out
+    assert f"-m submitit.core._submit {run}/slurm/sub1\n" in out
+    assert not run.exists()

@@ -1,0 +1,59 @@
+"""Checkpoint directories: sealed, validated, pruned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher import checkpoint
+
+
+def write_checkpoint(run_dir: Path, step: int, payload: bytes = b"weights") -> Path:
+    tmp = checkpoint.temporary_path(run_dir, step)
+    tmp.mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(payload)
+    final = checkpoint.checkpoint_path(run_dir, step)
+    checkpoint.seal(tmp, final, {"step": step, "epoch": 0, "step_in_epoch": step})
+    return final
+
+
+def test_seal_makes_a_valid_checkpoint_and_removes_the_temporary(tmp_path: Path) -> None:
+    final = write_checkpoint(tmp_path, 5)
+    assert checkpoint.validate(final) is None
+    assert not checkpoint.temporary_path(tmp_path, 5).exists()
+    assert checkpoint.read_trainer_state(final)["step"] == 5
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: (p / "model.safetensors").write_bytes(b"weightz"), "checksum"),
+        (lambda p: (p / "model.safetensors").write_bytes(b"w"), "bytes"),
+        (lambda p: (p / "model.safetensors").unlink(), "missing"),
+        (lambda p: (p / checkpoint.MANIFEST).unlink(), "no manifest"),
+        (lambda p: (p / checkpoint.MANIFEST).write_text("{"), "unreadable"),
+    ],
+)
+def test_damaged_newest_checkpoint_is_skipped(tmp_path: Path, damage, reason: str, caplog) -> None:
+    good = write_checkpoint(tmp_path, 10)
+    newest = write_checkpoint(tmp_path, 20)
+    damage(newest)
+    assert reason in checkpoint.validate(newest)
+    assert checkpoint.latest_valid(tmp_path) == good
+    assert "skipping checkpoint" in caplog.text
+
+
+def test_half_written_temporary_is_never_listed(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path, 10)
+    checkpoint.temporary_path(tmp_path, 20).mkdir(parents=True)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_0000010"]
+
+
+def test_prune_keeps_the_newest(tmp_path: Path) -> None:
+    for step in (1, 2, 3, 10):
+        write_checkpoint(tmp_path, step)
+    checkpoint.temporary_path(tmp_path, 11).mkdir()
+    checkpoint.prune(tmp_path, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_0000010", "step_0000003"]
+    assert not checkpoint.temporary_path(tmp_path, 11).exists()

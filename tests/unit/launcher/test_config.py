@@ -1,0 +1,31 @@
+"""The strict loader: overrides, types, unknown keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.config import parse_override
+from launcher.errors import ConfigError
+from launcher.experiment import EXPERIMENTS_DIR, experiment_from_dict, load_experiment
+
+
+def test_overrides_apply_with_types() -> None:
+    cfg = load_experiment(
+        EXPERIMENTS_DIR / "pretrain" / "pcae_vit_base.yaml",
+        ["optim.blr=1e-4", "method.mask_ratio=0.8", "data.root=/x", "optim.clip_grad=null"],
+    )
+    assert cfg.optim.blr == 1e-4 and cfg.method.mask_ratio == 0.8 and cfg.data.root == "/x"
+    assert cfg.optim.clip_grad is None
+
+
+def test_int_widens_to_float_but_not_the_reverse() -> None:
+    cfg = experiment_from_dict({"method": {"name": "mae"}, "optim": {"blr": 1}})
+    assert cfg.optim.blr == 1.0 and isinstance(cfg.optim.blr, float)
+    with pytest.raises(ConfigError, match=r"train\.num_epochs must be a int"):
+        experiment_from_dict({"method": {"name": "mae"}, "train": {"num_epochs": 1.5}})
+
+
+@pytest.mark.parametrize("text", ["noequals", "=3", "a..b=1"])
+def test_malformed_override(text: str) -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override(text)

@@ -1,0 +1,195 @@
+"""The training loop: exact resume, divergence, learning-rate schedule, optimizers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from launcher import checkpoint
+from launcher.experiment import experiment_from_dict
+from launcher.local import prepare_data
+from launcher.runs import read_metrics
+from launcher.trainer import DivergedError, OptimConfig, Trainer, build_optimizer, learning_rate
+from methods import build_method
+from methods.classifier import ClassifierConfig
+from tests.helpers import finetune_experiment, make_image_folder, tiny_experiment, write_stl10
+
+TINY = {"size": "micro", "img_size": 32, "patch_size": 8}
+
+
+def test_layer_decay_scales_follow_mae() -> None:
+    model = build_method(ClassifierConfig(**TINY, num_classes=3))
+    optimizer = build_optimizer(model, OptimConfig(layer_decay=0.5))
+    scale = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            scale[names[id(p)]] = group["lr_scale"]
+    # MAE: ld^(L + 1 - layer_id), patch embedding and cls = layer 0, block i = i + 1, L = 3
+    assert scale["encoder.cls_token"] == scale["encoder.patch_embed.proj.weight"] == 0.5**4
+    for i in range(3):
+        assert scale[f"encoder.blocks.{i}.attn.qkv.weight"] == 0.5 ** (3 - i)
+    assert scale["fc_norm.weight"] == scale["head.weight"] == 1.0
+
+
+def test_lars_adapts_matrices_only_as_maes_does() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(4, 3)
+    w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
+    optimizer = build_optimizer(head, OptimConfig(name="lars", weight_decay=0.0))
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    head(torch.randn(8, 4)).square().sum().backward()
+    gw, gb = head.weight.grad.clone(), head.bias.grad.clone()
+    optimizer.step()
+    trust = 0.001 * w0.norm() / gw.norm()
+    torch.testing.assert_close(head.weight.detach(), w0 - 0.1 * trust * gw)
+    torch.testing.assert_close(head.bias.detach(), b0 - 0.1 * gb)
+
+
+def test_finetuning_with_mixup_and_randaugment_resumes_exactly(tmp_path: Path) -> None:
+    images = make_image_folder(tmp_path / "images")
+    cfg = experiment_from_dict(finetune_experiment(images, keep_ratio=0.75))
+    whole = Trainer(cfg, tmp_path / "whole")
+    whole.fit()
+    parts = Trainer(cfg, tmp_path / "parts")
+    parts.fit(until_step=3)
+    resumed = Trainer(cfg, tmp_path / "parts")
+    assert resumed.resume()
+    resumed.fit()
+    assert losses(tmp_path / "whole") == losses(tmp_path / "parts")
+    first, second = (json.loads((tmp_path / run / "eval.json").read_text()) for run in ("whole", "parts"))
+    assert first["step"] == whole.total_steps and first["samples"] == 36
+    assert first["acc1"] == second["acc1"] and first["loss"] == second["loss"]
+
+
+def test_regression_on_lunarlander_reports_r2(tmp_path: Path) -> None:
+    frames = {
+        "name": "lunarlander",
+        "root": str(tmp_path / "ll"),
+        "generate_frames": 96,
+        "augment": "none",
+        "num_workers": 0,
+        "mean": [0, 0, 0],
+        "std": [1, 1, 1],
+    }
+    raw = tiny_experiment("linprobe", tmp_path)
+    raw["method"].update({"img_size": 64, "task": "regression", "targets": [0, 1], "pool": "grid"})
+    raw["data"] = frames
+    raw["eval"] = {"data": {"root": str(tmp_path / "ll-test"), "generate_frames": 48, "generate_seed": 1}}
+    raw["optim"].update({"name": "lars", "weight_decay": 0.0})
+    raw["train"].update({"global_batch_size": 32, "micro_batch_size": 16})
+    cfg = experiment_from_dict(raw)
+    prepare_data(cfg)  # generates both sets: opening a data set never does
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.fit()
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["samples"] == 48 and {"mse", "r2", "r2_0", "r2_1"} <= set(result)
+    assert result["r2"] == pytest.approx((result["r2_0"] + result["r2_1"]) / 2)
+
+
+def test_linear_probe_on_stl10_files_trains_on_train_and_evaluates_on_test(tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 10)):
+        write_stl10(
+            tmp_path / "stl10_binary",
+            split,
+            rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8),
+            rng.integers(0, 10, n),
+        )
+    raw = tiny_experiment("linprobe", tmp_path)
+    raw["method"].update({"img_size": 32, "num_classes": 10})
+    raw["data"] = {"name": "stl10", "root": str(tmp_path), "split": "train", "augment": "mae", "num_workers": 0}
+    raw["eval"] = {"data": {"split": "test"}}
+    raw["optim"].update({"name": "lars", "weight_decay": 0.0})
+    Trainer(experiment_from_dict(raw), tmp_path / "run").fit()
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["samples"] == 10 and 0 <= result["acc1"] <= result["acc5"] <= 100
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in read_metrics(run_dir)]
+
+
+@pytest.mark.parametrize("method", ["pcae", "mae"])
+def test_interrupted_and_resumed_run_gives_identical_losses(method: str, image_folder: Path, tmp_path: Path) -> None:
+    # 36 images, global batch 8 = 2 micro-batches of 4: 4 steps per epoch, 3 epochs; workers and
+    # random-resized-crop augmentation on. Interrupt at step 6, mid-epoch 2.
+    raw = tiny_experiment(
+        method, image_folder, data={"num_workers": 2, "augment": "mae"}, train={"num_epochs": 3, "checkpoint_every": 4}
+    )
+    cfg = experiment_from_dict(raw)
+    straight = Trainer(cfg, tmp_path / "straight")
+    assert straight.fit().finished
+
+    interrupted = Trainer(cfg, tmp_path / "resumed")
+    result = interrupted.fit(until_step=6)
+    assert (result.step, result.finished) == (6, False)
+    del interrupted
+    resumed = Trainer(cfg, tmp_path / "resumed")
+    assert resumed.resume() and resumed.state.step == 6 and resumed.state.step_in_epoch == 2
+    assert resumed.fit().finished
+
+    expected = losses(tmp_path / "straight")
+    assert [s for s, _ in expected] == list(range(1, 13))
+    assert losses(tmp_path / "resumed") == expected  # bitwise on CPU
+
+
+def test_resume_after_a_hard_kill_truncates_the_metrics(image_folder: Path, tmp_path: Path) -> None:
+    cfg = experiment_from_dict(tiny_experiment("mae", image_folder, train={"checkpoint_every": 3}))
+    run = tmp_path / "run"
+    Trainer(cfg, run).fit(until_step=5)  # checkpoints at steps 3 and 5
+    # As if the process had died after logging step 5 but before its checkpoint was sealed:
+    # the newest checkpoint is damaged, so the run resumes from step 3 and re-logs steps 4-5.
+    (checkpoint.checkpoint_path(run, 5) / checkpoint.MANIFEST).unlink()
+    trainer = Trainer(cfg, run)
+    assert trainer.resume() and trainer.state.step == 3
+    trainer.fit()
+    straight = tmp_path / "straight"
+    Trainer(cfg, straight).fit()
+    assert losses(run) == losses(straight)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(image_folder: Path, tmp_path: Path) -> None:
+    cfg = experiment_from_dict(
+        tiny_experiment("mae", image_folder, optim={"blr": 1e30, "warmup_epochs": 0}, train={"checkpoint_every": 1})
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    with pytest.raises(DivergedError, match=r"at step \d+.*last good checkpoint is .*step_"):
+        trainer.fit()
+    assert checkpoint.latest_valid(tmp_path / "run") is not None
+
+
+def test_learning_rate_schedule() -> None:
+    assert learning_rate(0, 100, 10, 1.0, 0.0) == 0.0
+    assert learning_rate(5, 100, 10, 1.0, 0.0) == 0.5
+    assert learning_rate(10, 100, 10, 1.0, 0.0) == 1.0
+    assert math.isclose(learning_rate(55, 100, 10, 1.0, 0.1), 0.1 + 0.9 * 0.5)
+    assert math.isclose(learning_rate(100, 100, 10, 1.0, 0.1), 0.1)
+
+
+def test_the_optimizer_skips_frozen_parameters_and_decays_only_matrices(image_folder: Path, tmp_path: Path) -> None:
+    trainer = Trainer(experiment_from_dict(tiny_experiment("pcae", image_folder)), tmp_path / "run")
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    for name, p in model.named_parameters():
+        assert (id(p) in in_optimizer) == p.requires_grad, name
+    for group in trainer.optimizer.param_groups:
+        if group["weight_decay"] > 0:
+            assert all(p.ndim > 1 for p in group["params"])
+
+
+def test_a_stop_request_checkpoints_at_the_next_step_boundary(image_folder: Path, tmp_path: Path) -> None:
+    cfg = experiment_from_dict(tiny_experiment("mae", image_folder))
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.request_stop()  # as a signal handler would, before the step's all-reduce
+    result = trainer.fit()
+    assert (result.step, result.finished) == (1, False)
+    assert checkpoint.latest_valid(tmp_path / "run") == checkpoint.checkpoint_path(tmp_path / "run", 1)
