@@ -56,7 +56,9 @@ def seal(tmp: Path, final: Path, trainer_state: dict) -> None:
     """Finish a checkpoint written into ``tmp``: state, manifest, fsync, rename to ``final``."""
     (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
     files = {}
+    mode = 0o666 & ~current_umask()  # what the rest of the run gets (safetensors writes 0600)
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        path.chmod(mode)
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -72,6 +74,12 @@ def seal(tmp: Path, final: Path, trainer_state: dict) -> None:
     _fsync_dir(final.parent)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def validate(path: Path) -> str | None:
     """Why ``path`` is not a complete checkpoint, or None when it is."""
     manifest = path / MANIFEST
@@ -79,8 +87,12 @@ def validate(path: Path) -> str | None:
         return "no manifest (the write never finished)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable manifest ({e})"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({type(e).__name__}: {e})"
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict) and {"size", "sha256"} <= set(entry) for entry in files.values()
+    ):
+        return "malformed manifest (files must map each name to its size and sha256)"
     if TRAINER_STATE not in files:
         return "no trainer state"
     for name, expected in files.items():
@@ -103,13 +115,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
 
 
-def latest_valid(run_dir: Path) -> Path | None:
+def latest_valid(run_dir: Path, quiet: bool = False) -> Path | None:
     """The newest checkpoint that passes validation; broken ones are skipped with a warning."""
     for path in list_checkpoints(run_dir):
         problem = validate(path)
         if problem is None:
             return path
-        log.warning("skipping checkpoint %s: %s", path, problem)
+        if not quiet:
+            log.warning("skipping checkpoint %s: %s", path, problem)
     return None
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -79,9 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     lunar.add_argument("--frames", type=int, required=True, help="number of frames")
     lunar.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     lunar.add_argument("--size", type=int, default=64, help="frame size in pixels, 64 + 16n (default 64)")
-    lunar.add_argument("--agent", choices=["random", "heuristic"], default="random")
+    lunar.add_argument("--agent", choices=["random", "heuristic", "mixed"], default="random")
     lunar.add_argument("--workers", type=int, default=2, help="worker processes")
     lunar.add_argument("--seed", type=int, default=0)
+    check = data_kinds.add_parser("check", help="decode every image of an image folder; list the unreadable ones")
+    check.add_argument("root", type=Path, help="an ImageNet-layout folder (one sub-directory per class)")
+    check.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
 
     sweep = commands.add_parser("tune", help="run a Ray Tune sweep (local Ray by default)")
     sweep.add_argument("study", choices=["ae-losses"], help="the study to sweep")
@@ -102,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_slurm.add_argument("--nodes", type=int, help="nodes of the job, one Ray node each (default 1)")
     sweep_slurm.add_argument("--partition", help="SLURM partition")
     sweep_slurm.add_argument("--time", help="time limit: minutes, H:MM:SS or D-HH:MM:SS")
+
+    study = commands.add_parser("study", help="PCAE against MAE at equal wall time: probe quality vs cost")
+    study.add_argument("study", choices=["pcae-vs-mae"], help="the study to run")
+    study.add_argument("--experiment", type=Path, help="study file (default: experiments/study/pcae_vs_mae_local.yaml)")
+    study.add_argument("--budget", help="wall time of each pretraining run, e.g. 90s, 5m (default: the file's)")
+    study.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
+    study.add_argument("--study-dir", type=Path, help="where the study lives (default runs/study/NAME)")
+    study.add_argument("--report", action="store_true", help="only write the report of the points so far")
+    study.add_argument("--dry-run", action="store_true", help="print the study, its directory (and sbatch script)")
+    study_slurm = study.add_argument_group("SLURM (one job of N nodes runs the study, each run on all of them)")
+    study_slurm.add_argument("--cluster", help="cluster profile slurm/clusters/NAME.yaml; submits one SLURM job")
+    study_slurm.add_argument("--nodes", type=int, help="nodes of the job (default 1)")
+    study_slurm.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each")
+    study_slurm.add_argument("--partition", help="SLURM partition")
+    study_slurm.add_argument("--time", help="time limit: minutes, H:MM:SS or D-HH:MM:SS")
 
     report = commands.add_parser("report", help="Markdown table and PNG plots of a sweep")
     report.add_argument("sweep", type=Path, help="sweep directory, e.g. runs/tune/ae-losses")
@@ -186,11 +205,20 @@ def main(argv: list[str] | None = None) -> int:
     if extras:
         args.overrides = [*args.overrides, *extras]
     setup_logging(None, rank=0)
+    from launcher.stopping import Interrupted
+
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"launch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # a stop signal before any step: nothing half-written is left
+        print(
+            f"launch {args.command}: {e} while preparing; nothing half-written was kept. Run the same command "
+            f"to start again.",
+            file=sys.stderr,
+        )
+        return 0
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -260,7 +288,7 @@ def cmd_downstream(args: argparse.Namespace) -> int:
     from launcher.experiment import experiment_from_dict, load_experiment
 
     check_placement(args)
-    source = sources.resolve_source(args.source, args.command)
+    source = sources.resolve_source(args.source, args.command, recorded_method(args.run_dir))
     if source.run_config is not None and source.run_config["method"]["name"] == args.command:
         # SOURCE is itself a fine-tuning/probe run: evaluate it as it was configured.
         if not args.eval_only:
@@ -294,6 +322,16 @@ def cmd_downstream(args: argparse.Namespace) -> int:
     return launch_run(args, cfg, experiment, source.name)
 
 
+def recorded_method(run_dir: Path | None) -> dict | None:
+    """The method section of ``run_dir``'s config, when it holds a run already."""
+    from launcher.config import read_yaml
+    from launcher.runs import CONFIG
+
+    if run_dir is None or not (Path(run_dir) / CONFIG).is_file():
+        return None
+    return read_yaml(Path(run_dir) / CONFIG).get("method")
+
+
 def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool) -> int:
     from launcher.config import dump_yaml
 
@@ -325,9 +363,9 @@ def launch_run(args: argparse.Namespace, cfg, experiment: Path, label: str, demo
 
         return run_demo(cfg, experiment, run_dir, resuming, sys.stdout)
     from launcher.local import run_training
-    from launcher.runs import describe_eval, read_eval
+    from launcher.runs import describe_eval, read_eval, resume_note
 
-    print(f"experiment {experiment}\nrun directory {run_dir}{' (resuming)' if resuming else ''}", flush=True)
+    print(f"experiment {experiment}\nrun directory {run_dir}{resume_note(run_dir, resuming)}", flush=True)
     _, result = run_training(cfg, run_dir)
     if not result.finished:
         print(
@@ -357,13 +395,36 @@ def print_evaluation(cfg, run_dir: Path) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.dataset == "check":
+        return check_images(args.root, args.workers)
     from launcher.data.lunarlander import generate_lunarlander
+    from launcher.local import STOP_SIGNALS
+    from launcher.stopping import signals_interrupt
 
-    out = generate_lunarlander(
-        args.out, args.frames, size=args.size, agent=args.agent, num_workers=args.workers, seed=args.seed
-    )
+    with signals_interrupt(STOP_SIGNALS):
+        out = generate_lunarlander(
+            args.out, args.frames, size=args.size, agent=args.agent, num_workers=args.workers, seed=args.seed
+        )
     print(f"wrote {args.frames} frames to {out}")
     return 0
+
+
+def check_images(root: Path, workers: int) -> int:
+    from launcher.data import DataConfig, open_dataset
+    from launcher.data.image_sets import check_image_folder
+
+    open_dataset(DataConfig(name="imagefolder", root=str(root)), 224)  # a clear error for a wrong folder
+    total, bad = check_image_folder(root, max(1, workers))
+    for path, why in bad:
+        print(f"{path}: {why}")
+    if not bad:
+        print(f"all {total} images of {root} decode")
+        return 0
+    print(
+        f"{len(bad)} of {total} images of {root} cannot be read. Training replaces each by another sample (up to "
+        f"data.max_bad_samples, then it stops); remove or repair them to train on what you have."
+    )
+    return 2
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -458,6 +519,38 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from launcher.studies import pcae_vs_mae
+
+    check_placement(args)
+    experiment = args.experiment or pcae_vs_mae.STUDY_DIR / "pcae_vs_mae_local.yaml"
+    cfg = pcae_vs_mae.load_study(experiment)
+    if args.budget:
+        cfg = dataclasses.replace(cfg, budget_s=pcae_vs_mae.parse_budget(args.budget))
+    if args.seeds:
+        cfg = dataclasses.replace(cfg, seeds=pcae_vs_mae.parse_seeds(args.seeds))
+    if args.cluster:
+        from launcher.slurm.submit import StudyWork
+
+        return on_slurm(args, StudyWork(cfg, experiment, args.study_dir))
+    study = pcae_vs_mae.Study(cfg, args.study_dir or Path("runs/study") / cfg.name)
+    if args.report:
+        path = pcae_vs_mae.write_report(study.directory)
+        print(path.read_text())
+        return 0
+    resuming = study.check()
+    print(
+        f"study {cfg.name} from {experiment} in {study.directory}{' (resuming)' if resuming else ''}: "
+        f"{len(cfg.seeds)} seeds x 2 methods x {cfg.budget_s:.0f} s of training each",
+        flush=True,
+    )
+    if args.dry_run:
+        return 0
+    return pcae_vs_mae.run_locally(study, sys.stdout)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from launcher.studies.ae_losses_report import write_report
 
@@ -479,6 +572,7 @@ COMMANDS = {
     "logs": cmd_logs,
     "tune": cmd_tune,
     "report": cmd_report,
+    "study": cmd_study,
 }
 
 if __name__ == "__main__":

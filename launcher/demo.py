@@ -1,63 +1,57 @@
 """The embedded default (``launch pretrain METHOD --local``): pretrain, then show what was learnt.
 
-After the local pretraining run, a ridge probe of the lander's state on frozen embeddings
-of held-out episodes is printed next to the same probe of the encoder at its random
-initialisation, then MAE's linear probe (``experiments/linprobe/local.yaml``) trains on the
-frozen encoder and is evaluated on frames of other episodes. None of this is part of the
-run's config: a run directory holds the pretraining run, ``probe.json`` and ``linprobe/``.
+After the local pretraining run, the cheap probe (``launcher/probe.py``) of the lander's state
+on frames of episodes the encoder never saw is printed for the pretrained encoder, the same
+encoder at its random initialisation and raw pixels, then MAE's linear probe
+(``experiments/linprobe/local.yaml``) trains on the frozen encoder and is evaluated on frames of
+other episodes. None of this is part of the run's config: the run directory holds the
+pretraining run, ``probe.json`` and ``linprobe/``. What the demo shows is set in
+``experiments/demo/local.yaml``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 import torch
-from torch import nn
 
 from launcher import sources
-from launcher.config import EXPERIMENTS_DIR
-from launcher.data import open_dataset
-from launcher.data.lunarlander import STATE_FIELDS
-from launcher.data.transforms import build_transform
-from launcher.embeddings import embed_dataset, pooled_patch_tokens
+from launcher.config import EXPERIMENTS_DIR, build_dataclass, read_yaml
+from launcher.data import prepare
+from launcher.embeddings import pooled_patch_tokens
 from launcher.experiment import ExperimentConfig, load_experiment
-from launcher.local import run_training
-from launcher.probe import ridge_probe
-from launcher.runs import describe_eval, read_eval
+from launcher.local import STOP_SIGNALS, run_training
+from launcher.probe import ProbeConfig, ProbeSet, describe, target_names
+from launcher.runs import CONFIG, describe_eval, read_eval, resume_note
+from launcher.stopping import signals_interrupt
 from methods import build_method
 
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """The demo's ridge probe: label columns, how many frames, held-out share, pooling grid."""
-
-    targets: tuple[int, ...] = (0, 1)  # LunarLander: x, y
-    num_samples: int = 4000
-    test_fraction: float = 0.2
-    grid: int = 2  # patch tokens averaged over grid x grid cells; 0 uses the method's embed()
-    linprobe: Path = EXPERIMENTS_DIR / "linprobe" / "local.yaml"
+DEMO_FILE = EXPERIMENTS_DIR / "demo" / "local.yaml"
 
 
-def target_names(cfg: ExperimentConfig, targets: tuple[int, ...]) -> list[str]:
-    names = STATE_FIELDS if cfg.data.name == "lunarlander" else ()
-    return [names[t] if t < len(names) else str(t) for t in targets]
+@dataclass
+class DemoConfig:
+    """What the demo shows: the probe, and the linear-probe experiment run on the encoder."""
+
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    linprobe: str = "linprobe/local.yaml"  # under experiments/, or a path
 
 
-def run_demo(
-    cfg: ExperimentConfig,
-    experiment: Path,
-    run_dir: Path,
-    resuming: bool,
-    out: TextIO,
-    probe: ProbeConfig = ProbeConfig(),
-) -> int:
-    """Pretrain ``cfg`` in ``run_dir``, then the two probes; writes what it shows to ``out``."""
-    out.write(f"experiment {experiment}\nrun directory {run_dir}{' (resuming)' if resuming else ''}\n")
+def load_demo(path: Path = DEMO_FILE) -> DemoConfig:
+    return build_dataclass(DemoConfig, read_yaml(path), "demo")
+
+
+def run_demo(cfg: ExperimentConfig, experiment: Path, run_dir: Path, resuming: bool, out: TextIO) -> int:
+    """Pretrain ``cfg`` in ``run_dir``, then the probe and the linear probe; writes what it shows to ``out``."""
+    demo = load_demo()
+    out.write(f"experiment {experiment}\nrun directory {run_dir}{resume_note(run_dir, resuming)}\n")
     out.flush()
+    with signals_interrupt(STOP_SIGNALS):
+        prepare(demo.probe.data, cfg.method.img_size)  # before training: a bad probe set fails now
     trainer, result = run_training(cfg, run_dir)
     if not result.finished:
         out.write(
@@ -65,58 +59,46 @@ def run_demo(
             f"--run-dir {run_dir} to resume\n"
         )
         return 0
-    out.write(f"finished {result.step} steps in {run_dir}\n")
+    out.write(f"finished {result.step} steps in {run_dir} ({result.train_seconds:.0f} s of training)\n")
     if not trainer.accelerator.is_main_process:
         return 0
-    trained = trainer.accelerator.unwrap_model(trainer.model)
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    device = next(trained.parameters()).device
     torch.manual_seed(cfg.train.seed)  # the same initialisation the run started from
-    initial = build_method(cfg.method).to(next(trained.parameters()).device)
-    scores = probe_encoders(cfg, probe, {"pretrained": trained, "random init": initial})
-    (run_dir / "probe.json").write_text(json.dumps({"targets": list(probe.targets), "r2": scores}, indent=2))
-    columns = [f"R2({name})" for name in target_names(cfg, probe.targets)]
-    out.write(f"\nRidge probe of label columns {list(probe.targets)} on frozen embeddings (held-out episodes):\n")
-    out.write(f"  {'encoder':<28}" + "".join(f"{c:>9}" for c in columns) + f"{'mean':>9}\n")
-    labels = {"pretrained": f"{cfg.method.name} after {result.step} steps", "random init": "same encoder, random init"}
-    for name, r2 in scores.items():
-        out.write(f"  {labels[name]:<28}" + "".join(f"{v:>9.3f}" for v in r2) + f"{sum(r2) / len(r2):>9.3f}\n")
-    linear_probe(run_dir, probe.linprobe, out)
+    initial = build_method(cfg.method).to(device).eval()
+    probe = ProbeSet(demo.probe, cfg.method.img_size)
+    grid = demo.probe.grid
+    scores = {
+        f"{cfg.method.name} after {result.step} steps": probe.score(pooled_patch_tokens(trained, grid), device),
+        "same encoder, random init": probe.score(pooled_patch_tokens(initial, grid), device),
+        f"raw pixels ({demo.probe.pixels}x{demo.probe.pixels})": probe.score_pixels(),
+    }
+    (run_dir / "probe.json").write_text(json.dumps({k: v.to_dict(probe.names) for k, v in scores.items()}, indent=2))
+    trained_score, initial_score = list(scores.values())[:2]
+    episodes = len(np.unique(np.asarray(probe.dataset.frames.episodes)[probe.indices]))
+    headline = ", ".join(probe.names[t] for t in demo.probe.headline)
+    out.write(
+        f"\nProbe of the frozen encoder: ridge regression on its patch tokens averaged over {grid}x{grid} cells, "
+        f"for {len(probe.indices)} frames of {episodes} episodes it never saw ({demo.probe.data.root}); R² of "
+        f"predictions of each frame by a probe fit on other episodes ({demo.probe.num_folds} folds):\n"
+        f"{describe(scores, probe.names, demo.probe.headline)}\n"
+        f"gain from pretraining: {trained_score.mean - initial_score.mean:+.3f} mean R² over {headline}\n"
+    )
+    linear_probe(run_dir, resolve_experiment(demo.linprobe), out)
     return 0
 
 
-def probe_encoders(cfg: ExperimentConfig, probe: ProbeConfig, encoders: dict[str, nn.Module]) -> dict[str, list]:
-    """R² of the probe's label columns for each encoder, on the same frames of held-out episodes."""
-    base = open_dataset(cfg.data, cfg.method.img_size)
-    transform = build_transform(cfg.data, cfg.method.img_size, train=False)
-    train_idx, test_idx = base.split(probe.test_fraction)
-    n_test = max(1, int(probe.num_samples * probe.test_fraction))
-    # Evenly spaced frames across each side keep every episode represented.
-    train_idx = train_idx[
-        np.linspace(0, len(train_idx) - 1, min(len(train_idx), probe.num_samples - n_test)).astype(int)
-    ]
-    test_idx = test_idx[np.linspace(0, len(test_idx) - 1, min(len(test_idx), n_test)).astype(int)]
-    scores = {}
-    for name, model in encoders.items():
-        model.eval()
-        device = next(model.parameters()).device
-        encode = pooled_patch_tokens(model, probe.grid)
-        (train_x, train_y), (test_x, test_y) = (
-            embed_dataset(encode, base, transform, idx, device) for idx in (train_idx, test_idx)
-        )
-        columns = list(probe.targets)
-        scores[name] = ridge_probe(
-            train_x.astype(np.float64),
-            train_y[:, columns].astype(np.float64),
-            test_x.astype(np.float64),
-            test_y[:, columns].astype(np.float64),
-        ).tolist()
-    return scores
+def resolve_experiment(name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() or path.is_file() else EXPERIMENTS_DIR / path
 
 
 def linear_probe(run_dir: Path, experiment: Path, out: TextIO) -> None:
     """``launch linprobe RUN`` with the demo's experiment, into ``RUN/linprobe``."""
-    source = sources.resolve_source(run_dir, "linprobe")
-    cfg = load_experiment(experiment, source.overrides, method="linprobe")
     probe_dir = run_dir / "linprobe"
+    recorded = read_yaml(probe_dir / CONFIG)["method"] if (probe_dir / CONFIG).is_file() else None
+    source = sources.resolve_source(run_dir, "linprobe", recorded)
+    cfg = load_experiment(experiment, source.overrides, method="linprobe")
     head = "BatchNorm + linear head" if cfg.method.head_batchnorm else "linear head"
     shown = (
         experiment.relative_to(EXPERIMENTS_DIR.parent) if EXPERIMENTS_DIR.parent in experiment.parents else experiment
@@ -130,8 +112,8 @@ def linear_probe(run_dir: Path, experiment: Path, out: TextIO) -> None:
     out.write(f"finished {result.step} steps in {probe_dir}\n")
     record = read_eval(probe_dir)
     if record is not None and "r2" in record:
-        names = target_names(cfg, cfg.method.targets)
-        columns = " ".join(f"R2({name}) {record[f'r2_{t}']:.3f}" for name, t in zip(names, cfg.method.targets))
+        names = target_names(cfg.data.name, cfg.method.targets)
+        columns = " ".join(f"R2({names[t]}) {record[f'r2_{t}']:.3f}" for t in cfg.method.targets)
         out.write(
             f"{describe_eval(record)}\nlinear probe of the pretrained encoder on held-out frames: {columns}, "
             f"mean {record['r2']:.3f}\n"

@@ -7,24 +7,28 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from launcher.data import BaseDataset
+from launcher.data.sampling import SeededDataset, sample_seeds
 from methods.vit import grid_pool
 
 Encode = Callable[[Tensor], Tensor]  # images [B, C, H, W] -> embeddings [B, D]
 
 
-def pooled_patch_tokens(model: nn.Module, grid: int) -> Encode:
-    """The model's patch tokens averaged over ``grid x grid`` cells (``embed()`` when ``grid`` is 0).
+def pooled_patch_tokens(model: nn.Module, grid: int, tokens: Encode | None = None) -> Encode:
+    """Patch tokens (``model.patch_tokens``, or ``tokens``) averaged over ``grid x grid`` cells.
 
-    Cells keep where things are (LunarLander's lander), which a global mean forgets.
+    Cells keep where things are (LunarLander's lander), which a global mean forgets. With
+    ``grid`` 0 the model's own ``embed()``.
     """
     if grid == 0:
         return model.embed
+    tokens = tokens or model.patch_tokens
 
     def encode(images: Tensor) -> Tensor:
-        tokens = model.patch_tokens(images)
-        return grid_pool(tokens, round(tokens.shape[1] ** 0.5), grid)
+        patches = tokens(images)
+        return grid_pool(patches, round(patches.shape[1] ** 0.5), grid)
 
     return encode
 
@@ -50,3 +54,27 @@ def embed_dataset(
         embeddings.append(encode(images).float().cpu().numpy())
         labels.append(np.stack([label.numpy() for _, label in samples]))
     return np.concatenate(embeddings), np.concatenate(labels)
+
+
+class FeatureCache(Dataset):
+    """A training set whose samples carry a frozen encoder's features instead of images.
+
+    For a method whose ``features(images)`` do not change while it trains (a linear probe on a
+    frozen encoder, no augmentation), every sample is encoded once here and the head trains on
+    the stored features: the same steps as re-running the encoder every step, at the cost of
+    one pass over the data. Keys are those of ``SeededDataset`` ((index, epoch) pairs).
+    """
+
+    def __init__(self, dataset: SeededDataset, features: Encode, device: torch.device | str, batch_size: int = 256):
+        self.dataset = dataset
+        indices = np.arange(len(dataset.base))
+        x, labels = embed_dataset(features, dataset.base, dataset.transform, indices, device, batch_size)
+        self.features, self.labels = torch.from_numpy(x), torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        index, epoch = key
+        _, model_seed = sample_seeds(self.dataset.seed, epoch, index)
+        return {"features": self.features[index], "label": self.labels[index], "seed": model_seed, "index": index}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from launcher.data import prepare
 from launcher.experiment import ExperimentConfig
-from launcher.stopping import StopRequest, install_stop_handlers
+from launcher.stopping import StopRequest, install_stop_handlers, signals_interrupt
 from launcher.trainer import FitResult, Trainer
 
 
@@ -17,11 +17,19 @@ def prepare_data(cfg: ExperimentConfig) -> None:
         prepare(data, cfg.method.img_size)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
 def run_training(cfg: ExperimentConfig, run_dir: Path) -> tuple[Trainer, FitResult]:
-    """Train ``cfg`` in ``run_dir`` from its newest checkpoint; Ctrl-C, SIGTERM, SIGUSR2 checkpoint and stop."""
-    prepare_data(cfg)
+    """Train ``cfg`` in ``run_dir`` from its newest checkpoint; Ctrl-C, SIGTERM, SIGUSR2 checkpoint and stop.
+
+    A stop signal while the data is being generated raises ``Interrupted`` once the generator has
+    removed its partial output (nothing is kept; the same command starts it again).
+    """
+    with signals_interrupt(STOP_SIGNALS):
+        prepare_data(cfg)
     stop = StopRequest()
-    install_stop_handlers(stop, (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2))
+    install_stop_handlers(stop, STOP_SIGNALS)
     trainer = Trainer(cfg, run_dir, stop)
     trainer.resume()
     return trainer, trainer.fit()

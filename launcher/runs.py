@@ -9,23 +9,31 @@ starting the same config in it again resumes; a different config is refused.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from launcher.config import dump_yaml, to_dict
-from launcher.errors import RunDirError
+from launcher.errors import RunDirError, UserError
 
 if TYPE_CHECKING:
     from launcher.experiment import ExperimentConfig
 
+log = logging.getLogger(__name__)
+
 CONFIG = "config.yaml"
+LOCK = ".lock"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 EVAL_HISTORY = "eval.jsonl"
@@ -45,6 +53,13 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
     """Whether ``run_dir`` already holds this config (a resume); raise if it holds another."""
+    run_dir = Path(run_dir)
+    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RunDirError(
+            f"cannot use the run directory {run_dir}: {blocking} is a file, not a directory. Pass a --run-dir "
+            f"that is a directory or does not exist yet."
+        )
     existing = run_dir / CONFIG
     if existing.is_file():
         old = yaml.safe_load(existing.read_text())
@@ -69,11 +84,85 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
     return False
 
 
+def resume_note(run_dir: Path, resuming: bool) -> str:
+    """What starting ``run_dir`` will do, for the user: resume it, or start over (say why)."""
+    from launcher import checkpoint
+
+    if not resuming:
+        return ""
+    if checkpoint.latest_valid(run_dir, quiet=True) is None:
+        return " (it holds this config but no valid checkpoint: starting over from step 0)"
+    return " (resuming)"
+
+
 def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{CONFIG}.tmp"
-    tmp.write_text(dump_yaml(cfg))
-    os.replace(tmp, run_dir / CONFIG)
+    with writing(run_dir / CONFIG, cleanup=tmp):
+        tmp.write_text(dump_yaml(cfg))
+        os.replace(tmp, run_dir / CONFIG)
+
+
+_HELD_LOCKS: dict[Path, int] = {}  # run directory -> the descriptor whose flock this process holds
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Make this process the owner of ``run_dir`` until it exits: an exclusive lock on ``RUN/.lock``.
+
+    ``flock`` is released by the kernel however the process ends, so a lock whose holder is gone
+    is never stale. The file says who holds it (PID, host, SLURM job) for the message of whoever
+    is refused. A SLURM job's rank 0 holds it for all of the job's ranks. Locking a directory
+    this process holds already is a no-op.
+    """
+    import fcntl
+
+    path = (Path(run_dir) / LOCK).resolve()
+    if path in _HELD_LOCKS:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirError(
+            f"run directory {run_dir} is in use by {lock_holder(run_dir)}: two processes must not train into one "
+            f"run. Wait for it to end (or stop it: Ctrl-C, kill, `launch cancel`), or pass another --run-dir."
+        ) from None
+    job = os.environ.get("SLURM_JOB_ID")
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), **({"slurm_job": job} if job else {})}
+    os.ftruncate(fd, 0)
+    os.write(fd, (json.dumps(owner) + "\n").encode())
+    _HELD_LOCKS[path] = fd
+
+
+def lock_holder(run_dir: Path) -> str:
+    """Who holds ``run_dir``'s lock, in words, from what its holder wrote."""
+    try:
+        owner = json.loads((Path(run_dir) / LOCK).read_text())
+        where = f"PID {owner['pid']} on {owner['host']}"
+        return f"SLURM job {owner['slurm_job']} ({where})" if "slurm_job" in owner else where
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Refuse a run directory another process is training in (before a submission, say); takes no lock."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK
+    if not path.exists() or path.resolve() in _HELD_LOCKS:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunDirError(
+            f"run directory {run_dir} is in use by {lock_holder(run_dir)}; wait for it to end or stop it, "
+            f"or pass another --run-dir"
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def setup_logging(run_dir: Path | None, rank: int) -> None:
@@ -97,44 +186,117 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
         root.addHandler(handler)
 
 
+class DiskFullError(UserError):
+    """A write into the run directory failed for want of space."""
+
+
+def disk_full(path: Path, error: BaseException, needed_bytes: int | None = None) -> DiskFullError:
+    """The error to raise when writing ``path`` failed with ``error``: what is free, what is needed."""
+    free = shutil.disk_usage(next(p for p in (Path(path), *Path(path).parents) if p.exists())).free
+    need = f"; it needs about {needed_bytes / 2**20:.0f} MiB" if needed_bytes else ""
+    return DiskFullError(
+        f"no space left to write {path} ({type(error).__name__}: {error}): {free / 2**20:.0f} MiB free on its "
+        f"filesystem{need}. Free some space (older runs, checkpoints), then run the same command to resume: "
+        f"the earlier checkpoints are intact."
+    )
+
+
+@contextlib.contextmanager
+def writing(path: Path, cleanup: Path | None = None, needed_bytes: int | None = None) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into a ``DiskFullError``; remove ``cleanup`` on any failure."""
+    try:
+        yield
+    except Exception as e:  # torch and safetensors say "no space" in errors of their own types
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True) if cleanup.is_dir() else cleanup.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path, e, needed_bytes) from None
+        raise
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or the error it arose from, says a device or file-size limit is full.
+
+    torch and safetensors say it in their own words (torch's zip writer fails a second time while
+    it unwinds, so the first error is in the chain).
+    """
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        text = str(error)
+        if any(
+            words in text
+            for words in (
+                "No space left",
+                "os error 28",
+                "File too large",
+                "Disk quota",
+                "iostream error",
+                "file write failed",
+            )
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def read_json_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of a JSON-lines file, and the number of lines dropped: a torn (half-written) line
+    and everything after it, as a crash in the middle of a write leaves them."""
+    records, lines = [], Path(path).read_text().splitlines() if Path(path).exists() else []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            return records, len(lines) - k
+    return records, 0
+
+
 class MetricsLog:
-    """Appends one JSON line per logged step; on resume drops lines past the checkpoint."""
+    """Appends one JSON line per logged step; on resume drops lines past the checkpoint (and a torn one)."""
 
     def __init__(self, run_dir: Path, resume_step: int) -> None:
         self.path = run_dir / METRICS
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            records, torn = read_json_lines(self.path)
+            if torn:
+                log.warning(
+                    "%s ends in %d line(s) that are not whole JSON (a crash mid-write); dropped them", self.path, torn
+                )
+            kept = [json.dumps(r) for r in records if r.get("step", 0) <= resume_step]
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            with writing(self.path, cleanup=tmp):
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)
         self.file = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass  # a full disk already raised on write; the file is truncated to whole lines on resume
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The whole records of ``RUN/metrics.jsonl`` (a torn last line is left out)."""
+    return read_json_lines(Path(run_dir) / METRICS)[0]
 
 
 def write_eval(run_dir: Path, record: dict[str, Any]) -> None:
     """Record an evaluation: ``eval.json`` (replaced atomically) and a line of ``eval.jsonl``."""
     tmp = run_dir / f".{EVAL}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, run_dir / EVAL)
-    with open(run_dir / EVAL_HISTORY, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    with writing(run_dir / EVAL, cleanup=tmp):
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, run_dir / EVAL)
+        with open(run_dir / EVAL_HISTORY, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def read_eval(run_dir: Path) -> dict[str, Any] | None:

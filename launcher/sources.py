@@ -37,8 +37,26 @@ def _size_name(width: int, depth: int) -> str:
     raise ConfigError(f"the checkpoint's ViT is {width} wide and {depth} deep, which is none of the presets: {known}")
 
 
-def resolve_source(source: Path, command: str) -> Source:
+def resolve_source(source: Path, command: str, recorded: dict[str, Any] | None = None) -> Source:
+    """What ``launch finetune|linprobe SOURCE`` starts from, as config overrides.
+
+    ``recorded`` is the method section of the run directory's own config, when it exists: the
+    source was resolved once, when that run started, and is reused as it was recorded (the
+    source run may have moved on, or pruned that checkpoint, since).
+    """
     source = Path(source)
+    if recorded is not None and recorded.get("name") == command and recorded.get("pretrained"):
+        pretrained = Path(recorded["pretrained"])
+        if pretrained == source.resolve() or source.resolve() in pretrained.parents:
+            keys = ("pretrained", "pretrained_encoder", *ViTConfig.ARCHITECTURE)
+            return Source(
+                source.stem if source.is_file() else source.name,
+                [f"method.{key}={recorded[key]}" for key in keys if key in recorded],
+            )
+        raise ConfigError(
+            f"the run directory was started from {pretrained}, not from {source}; pass that source "
+            f"to resume it, or another --run-dir to start a new run"
+        )
     if (source / CONFIG).is_file():  # a run directory
         run_dir, ckpt = source, checkpoint.latest_valid(source)
         run_config = yaml.safe_load((source / CONFIG).read_text())

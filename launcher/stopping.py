@@ -7,9 +7,10 @@ a SLURM job installs its handlers before torch is even imported.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -50,3 +51,27 @@ def install_stop_handlers(
 
     for sig in signals:
         signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    """A stop signal arrived while there was no step boundary to stop at (data generation, say)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"stopped by {name}")
+        self.signal = name
+
+
+@contextlib.contextmanager
+def signals_interrupt(signals: Iterable[signal.Signals]) -> Iterator[None]:
+    """Within the block, each of ``signals`` raises ``Interrupted``: work that cannot stop at a step
+    boundary unwinds and cleans up (a generator removes its partial output). Restores the handlers."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -10,6 +10,7 @@ resume is Accelerate's (model, optimizer, scaler, RNG) plus three integers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -25,15 +26,26 @@ import torch
 from accelerate import Accelerator
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
+from torch.utils.data import DataLoader
 
 from launcher import checkpoint
 from launcher.cpu_allocator import keep_freed_memory
 from launcher.data import open_dataset
 from launcher.data.sampling import ResumableSampler, SeededDataset, build_loader
 from launcher.data.transforms import build_transform
+from launcher.embeddings import FeatureCache
 from launcher.errors import ConfigError, DataError, UserError
 from launcher.evaluate import build_eval_loader, evaluate
-from launcher.runs import CONFIG, MetricsLog, last_evaluated_step, setup_logging, write_config, write_eval
+from launcher.runs import (
+    CONFIG,
+    MetricsLog,
+    last_evaluated_step,
+    lock_run_dir,
+    setup_logging,
+    write_config,
+    write_eval,
+    writing,
+)
 from launcher.stopping import StopRequest
 from methods import build_method
 
@@ -77,6 +89,7 @@ class TrainConfig:
     """The loop: how long, how big, how often to log and checkpoint."""
 
     num_epochs: int = 400
+    num_steps: int = 0  # when > 0: this many optimizer steps instead of num_epochs epochs (a study's budget)
     global_batch_size: int = 4096  # summed over processes and accumulation steps
     micro_batch_size: int = 64  # per process per forward pass
     seed: int = 0
@@ -96,6 +109,8 @@ class TrainConfig:
         ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key} must be positive, got {getattr(self, key)}")
+        if self.num_steps < 0:
+            raise ValueError(f"train.num_steps must be >= 0 (0: train num_epochs epochs), got {self.num_steps}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -116,6 +131,7 @@ class TrainState:
     step_in_epoch: int = 0
     train_seconds: float = 0.0  # wall time of the steps that led here, over every attempt
     loss: float | None = None  # of the last step
+    bad_samples: int = 0  # unreadable files replaced so far
 
     def state_dict(self) -> dict[str, float | None]:
         return dataclasses.asdict(self)
@@ -220,7 +236,11 @@ class Trainer:
         torch.manual_seed(train.seed)  # model initialisation
         try:
             model = build_method(cfg.method)
-        except ValueError as e:  # e.g. a loss network whose weights are not on this machine
+            # Initial weights (a fine-tuning's pretrained encoder) only for a run that starts now:
+            # one that resumes finds them all in its checkpoint.
+            if hasattr(model, "initialize") and checkpoint.latest_valid(self.run_dir, quiet=True) is None:
+                model.initialize()
+        except ValueError as e:  # e.g. a loss network or pretrained weights that are not on this machine
             raise ConfigError(f"cannot build method {cfg.method.name!r}: {e}") from None
         with acc.main_process_first():  # rank 0 first: SVHN converts its .mat files on first use
             base = open_dataset(cfg.data, cfg.method.img_size)
@@ -242,7 +262,10 @@ class Trainer:
                 f"({train.global_batch_size}); lower train.global_batch_size"
             )
         # Only now, with the config and data known to be good, is the run directory written
-        # (a SLURM submission has written its config.yaml already: the job reads it).
+        # (a SLURM submission has written its config.yaml already: the job reads it). It has one
+        # owner: this process, until it exits (rank 0 holds the lock for all ranks).
+        if acc.is_main_process:
+            lock_run_dir(self.run_dir)
         if acc.is_main_process and not (self.run_dir / CONFIG).is_file():
             write_config(self.run_dir, cfg)
         acc.wait_for_everyone()
@@ -256,9 +279,10 @@ class Trainer:
             acc.num_processes,
             train.seed,
         )
-        self.loader = build_loader(dataset, self.sampler, cfg.data.num_workers, acc.device.type == "cuda")
+        self.dataset = dataset
+        self.loader = None  # built when training starts: a feature cache needs the resumed weights
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total_steps = train.num_epochs * self.steps_per_epoch
+        self.total_steps = train.num_steps or train.num_epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.base_lr = cfg.optim.blr * train.global_batch_size / 256
 
@@ -296,6 +320,7 @@ class Trainer:
         return True
 
     def save_checkpoint(self) -> Path:
+        """Write a checkpoint of this step atomically; on a full disk remove what was written and say so."""
         acc, step = self.accelerator, self.state.step
         tmp = checkpoint.temporary_path(self.run_dir, step)
         final = checkpoint.checkpoint_path(self.run_dir, step)
@@ -304,15 +329,27 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every rank's RNG file is on disk
+        with writing(final, cleanup=tmp, needed_bytes=self.checkpoint_bytes()):
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()  # every rank's RNG file is on disk
+            if acc.is_main_process:
+                checkpoint.seal(tmp, final, self.state.state_dict())
         if acc.is_main_process:
-            checkpoint.seal(tmp, final, self.state.state_dict())
             checkpoint.prune(self.run_dir, self.cfg.train.num_checkpoints_kept)
             log.info("checkpoint %s", final)
         acc.wait_for_everyone()
         self.saved_step = step
         return final
+
+    def checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes: the newest one's size, or the weights and optimizer state."""
+        newest = checkpoint.latest_valid(self.run_dir) if self.saved_step is not None else None
+        if newest is not None:
+            return sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+        tensors = [p for p in self.model.parameters()] + [
+            t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+        ]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def evaluate(self) -> dict[str, float]:
         """Evaluate on ``eval.data`` (each process takes its share); rank 0 writes ``eval.json``."""
@@ -376,7 +413,14 @@ class Trainer:
             )
         self.model.train()
         method = acc.unwrap_model(self.model)
+        if self.loader is None:
+            self.loader = self._build_loader(method)
         try:
+            # A stop asked for before this fit's first step (a signal during start-up): all ranks
+            # agree and return at once, with nothing new to checkpoint.
+            if self._agree(self.stop.requested):
+                log.info("stopping before the first step as requested")
+                return self.result()
             while self.state.step < last_step:
                 self.sampler.set_epoch(self.state.epoch, self.state.step_in_epoch)
                 batches = iter(self.loader)
@@ -387,9 +431,10 @@ class Trainer:
                         progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                         if self.state.step % cfg.train.log_every == 0 or self.state.step == last_step:
                             metrics.write(record)
-                            for key, value in record.items():
-                                if key not in ("step", "epoch"):
-                                    tensorboard.add_scalar(f"train/{key}", value, self.state.step)
+                            with writing(self.run_dir / "tb"):
+                                for key, value in record.items():
+                                    if key not in ("step", "epoch"):
+                                        tensorboard.add_scalar(f"train/{key}", value, self.state.step)
                     if self.stop_agreed or self.state.step % cfg.train.checkpoint_every == 0:
                         self.save_checkpoint()
                     if self.stop_agreed:
@@ -410,8 +455,34 @@ class Trainer:
         finally:
             if acc.is_main_process:
                 progress.close()
-                tensorboard.close()
                 metrics.close()
+                with contextlib.suppress(OSError, RuntimeError):  # a full disk has been reported already
+                    tensorboard.close()
+
+    def _build_loader(self, method: nn.Module) -> DataLoader:
+        """The training batches: images, or, for a method whose features stay frozen and data that
+        is not augmented, the features encoded once (``FeatureCache``): the same steps, cheaper."""
+        cfg, acc = self.cfg, self.accelerator
+        dataset = self.dataset
+        if cfg.data.augment == "none" and getattr(method, "features_frozen", False):
+            start = time.perf_counter()
+            was_training = method.training
+            method.eval()
+            dataset = FeatureCache(self.dataset, method.features, acc.device)
+            method.train(was_training)
+            log.info(
+                "encoded the %d training samples once (%.1f s): the head trains on their features",
+                len(dataset),
+                time.perf_counter() - start,
+            )
+        return build_loader(dataset, self.sampler, cfg.data.num_workers, acc.device.type == "cuda")
+
+    def _agree(self, flag: bool) -> bool:
+        """Whether any rank has ``flag`` set (an all-reduce; free with one process)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum") > 0)
 
     def _train_step(self, batches, method: nn.Module) -> dict[str, float]:
         """One optimizer step over ``accumulation_steps`` micro-batches; returns the logged record."""
@@ -421,11 +492,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-        data_time, sums = 0.0, {}
+        data_time, sums, bad = 0.0, {}, 0.0
         for micro in range(self.accumulation_steps):
             fetch = time.perf_counter()
             batch = next(batches)
             data_time += time.perf_counter() - fetch
+            if "bad" in batch:  # unreadable files the pipeline replaced
+                bad += float(batch.pop("bad").sum())
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             last = micro == self.accumulation_steps - 1
             # Gradients are all-reduced only on the last micro-batch of the step.
@@ -436,17 +509,25 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
 
         # One collective per step: the mean of every logged scalar over micro-batches and
-        # ranks, plus the stop flag, so that every rank takes the same decision.
+        # ranks, the bad samples replaced, and the stop flag, so that every rank takes the same decision.
         keys = sorted(sums)
         packed = torch.stack(
             [sums[k] / self.accumulation_steps for k in keys]
-            + [torch.tensor(float(self.stop.requested), device=acc.device)]
+            + [torch.tensor(bad, device=acc.device), torch.tensor(float(self.stop.requested), device=acc.device)]
         )
         packed = acc.reduce(packed, reduction="mean")
-        values = dict(zip(keys, packed[:-1].tolist()))
+        values = dict(zip(keys, packed[:-2].tolist()))
         # Decide on the reduced flag only: a signal handler may set the stop request on this rank
         # after the reduce, and acting on it would leave the other ranks in the next step.
         self.stop_agreed = bool(packed[-1] > 0)
+        self.state.bad_samples += round(float(packed[-2]) * acc.num_processes)
+        if self.state.bad_samples > cfg.data.max_bad_samples:
+            raise DataError(
+                f"{self.state.bad_samples} unreadable samples so far (step {self.state.step + 1}), more than "
+                f"data.max_bad_samples={cfg.data.max_bad_samples}: the data set has many broken files (the logs "
+                f"name them). Run `launch data check {cfg.data.root}`, remove or repair them, or raise "
+                f"data.max_bad_samples; then run the same command to resume."
+            )
         if not math.isfinite(values["loss"]):
             last_good = checkpoint.latest_valid(self.run_dir)
             raise DivergedError(

@@ -149,8 +149,6 @@ class ViTClassifier(nn.Module):
         self.head = (
             nn.Sequential(nn.BatchNorm1d(features, affine=False, eps=1e-6), linear) if cfg.head_batchnorm else linear
         )
-        if cfg.pretrained:
-            self.load_pretrained(load_pretrained(cfg.pretrained, cfg.pretrained_encoder))
         if cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
             self.pos_embed.requires_grad_(False)
@@ -179,6 +177,15 @@ class ViTClassifier(nn.Module):
             )
 
     # ------------------------------------------------------------------ weights
+
+    def initialize(self) -> None:
+        """Load the pretrained encoder (``cfg.pretrained``): what a run starts from, once.
+
+        The trainer calls it only for a run without a checkpoint; a run that resumes has every
+        weight in its own checkpoint and never needs its source again.
+        """
+        if self.cfg.pretrained:
+            self.load_pretrained(load_pretrained(self.cfg.pretrained, self.cfg.pretrained_encoder))
 
     def load_pretrained(self, pretrained: PretrainedEncoder) -> None:
         """Copy a pretrained encoder in; a fine-tuned official file also brings its head."""
@@ -234,13 +241,22 @@ class ViTClassifier(nn.Module):
             return self.fc_norm(patches.mean(dim=1))
         return grid_pool(patches, cfg.num_patches_side, cfg.pool_grid, ids)
 
-    def head_outputs(self, images: Tensor) -> Tensor:
-        """What the head computes: logits, or standardised regression targets."""
-        if self.cfg.freeze_encoder:
-            with torch.no_grad():
+    @property
+    def features_frozen(self) -> bool:
+        """Whether ``features(images)`` stay fixed while this trains (the trainer may then cache them).
+
+        True for a frozen encoder without stochastic depth or random token dropping, and
+        without Mixup/CutMix (which mix images, not features).
+        """
+        cfg = self.cfg
+        deterministic = cfg.drop_path == 0 and (cfg.keep_ratio == 1.0 or cfg.drop_mode == "similarity")
+        return cfg.freeze_encoder and deterministic and cfg.mixup == 0 and cfg.cutmix == 0
+
+    def head_outputs(self, images: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+        """What the head computes, from images or from their (cached) features: logits, or standardised targets."""
+        if features is None:
+            with torch.no_grad() if self.cfg.freeze_encoder else nullcontext():
                 features = self.features(images)
-        else:
-            features = self.features(images)
         return self.head(features)
 
     def predict(self, images: Tensor) -> Tensor:
@@ -255,10 +271,13 @@ class ViTClassifier(nn.Module):
         return labels[:, list(self.cfg.targets)].float()
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        images, labels = batch["image"], batch["label"]
+        """The loss of a batch of images, or of their features when the trainer cached them."""
+        images, features, labels = batch.get("image"), batch.get("features"), batch["label"]
         if self.cfg.task == "regression":
             standardised = (self.targets_of(labels) - self.target_mean) / self.target_std
-            return {"loss": F.mse_loss(self.head_outputs(images).float(), standardised)}
+            return {"loss": F.mse_loss(self.head_outputs(images, features).float(), standardised)}
+        if features is not None:
+            return {"loss": self.criterion(self.head_outputs(features=features).float(), labels)}
         if self.mixup is not None and self.training:
             if images.shape[0] % 2:
                 raise ValueError(

@@ -148,6 +148,10 @@ class PCAE(nn.Module):
         """The student's normalised patch tokens for all patches, in grid order ``[B, N, D]``."""
         return self.student(images)[:, self.student.num_prefix_tokens :]
 
+    def teacher_patch_tokens(self, images: Tensor) -> Tensor:
+        """The EMA teacher's normalised patch tokens for all patches (no reduction) ``[B, N, D]``."""
+        return self.teacher(images)[:, self.teacher.num_prefix_tokens :]
+
     def embed(self, images: Tensor) -> Tensor:
         """Mean of the student's normalised patch tokens over all patches ``[B, D]``."""
         return self.patch_tokens(images).mean(dim=1)

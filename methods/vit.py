@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from methods.registry import MethodConfig
 from methods.seeding import per_sample_noise
 
-ViTSizeName = Literal["micro", "tiny", "small", "base", "large", "huge"]
+ViTSizeName = Literal["micro", "mini", "tiny", "small", "base", "large", "huge"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class ViTSize:
 
 VIT_SIZES: dict[str, ViTSize] = {
     "micro": ViTSize(embed_dim=32, depth=3, num_heads=2),  # CPU tests only
+    "mini": ViTSize(embed_dim=192, depth=6, num_heads=3),  # ViT-Ti's width at half its depth: a CPU's default
     "tiny": ViTSize(embed_dim=192, depth=12, num_heads=3),
     "small": ViTSize(embed_dim=384, depth=12, num_heads=6),
     "base": ViTSize(embed_dim=768, depth=12, num_heads=12),

@@ -84,12 +84,16 @@ def make_contender(
 ) -> Contender:
     cfg = get_method(method).make_config(size=size, img_size=224, patch_size=14 if size == "huge" else 16)
     model = build_method(cfg).to(device).train()
-    optimizer = build_optimizer(model, OptimConfig())
-    contender = Contender(method, model, optimizer, 0.0, [])
-    with counting_flops(model) as counter:
-        step(contender, batch, device, autocast)
-    contender.flops_per_step = counter.get_total_flops()
+    contender = Contender(method, model, build_optimizer(model, OptimConfig()), 0.0, [])
+    contender.flops_per_step = count_flops(contender, batch, device, autocast)
     return contender
+
+
+def count_flops(c: Contender, batch: dict[str, torch.Tensor], device: torch.device, autocast: bool) -> float:
+    """FLOPs of one training step (forward, backward), counted while it runs (the step is taken)."""
+    with counting_flops(c.model) as counter:
+        step(c, batch, device, autocast)
+    return counter.get_total_flops()
 
 
 def step(c: Contender, batch: dict[str, torch.Tensor], device: torch.device, autocast: bool) -> None:
@@ -119,6 +123,16 @@ def time_alternating(
             c.times.append(time.perf_counter() - start)
 
 
+def describe_machine(device: torch.device) -> str:
+    """The device in words, e.g. "cpu (x86_64, 2 threads); torch 2.14.1"."""
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    return f"{device.type} ({where}); torch {torch.__version__}"
+
+
 def describe_device() -> tuple[torch.device, bool, float]:
     """The device, whether to autocast to bf16 (GPU), and its matmul peak; prints them."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,12 +140,7 @@ def describe_device() -> tuple[torch.device, bool, float]:
         keep_freed_memory()  # as the trainer does
     autocast = device.type == "cuda"
     peak = matmul_peak(device, torch.bfloat16 if autocast else torch.float32)
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    )
-    print(f"device: {device.type} ({where}); torch {torch.__version__}")
+    print(f"device: {describe_machine(device)}")
     print(f"{'bf16' if autocast else 'fp32'} matmul peak (2048^3, measured now): {peak / 1e12:.3f} TFLOP/s\n")
     return device, autocast, peak
 

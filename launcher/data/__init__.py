@@ -10,8 +10,10 @@ make resume exact are in ``sampling.py``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -43,9 +45,13 @@ class DataConfig:
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD
     num_workers: int = 8
     # LunarLander only: when > 0 and `root` holds no data set, `prepare` generates this many
-    # frames there (with this seed: give the sets of one study different seeds).
+    # frames there, flown by this agent, with this seed (give the sets of one study different seeds).
     generate_frames: int = 0
     generate_seed: int = 0
+    generate_agent: Literal["random", "heuristic", "mixed"] = "random"
+    # Unreadable samples (a truncated or mislabelled image file) are replaced by another sample
+    # drawn from (seed, epoch, index) and counted; more than this many in a run stop it.
+    max_bad_samples: int = 100
 
     def __post_init__(self) -> None:
         if self.name not in _DATASETS:
@@ -56,8 +62,18 @@ class DataConfig:
             raise ValueError("data.mean and data.std need one value per channel, std > 0")
         if not 0.0 < self.eval_crop_pct <= 1.0 or not 0.0 <= self.reprob <= 1.0:
             raise ValueError("data.eval_crop_pct must be in (0, 1] and data.reprob in [0, 1]")
-        if self.num_workers < 0 or self.generate_frames < 0 or self.generate_seed < 0:
-            raise ValueError("data.num_workers, data.generate_frames and data.generate_seed must be >= 0")
+        if min(self.num_workers, self.generate_frames, self.generate_seed, self.max_bad_samples) < 0:
+            raise ValueError(
+                "data.num_workers, data.generate_frames, data.generate_seed and data.max_bad_samples must be >= 0"
+            )
+
+
+class BadSample(Exception):
+    """A sample whose file cannot be read (``path``), raised by a data set for the pipeline to replace."""
+
+    def __init__(self, path: str, error: BaseException) -> None:
+        super().__init__(f"{path}: {type(error).__name__}: {error}")
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,28 @@ def open_dataset(cfg: DataConfig, img_size: int) -> BaseDataset:
     if not cfg.root:
         raise DataError(f"data.root is not set: point it at the {cfg.name} data set, e.g. `data.root=/path/to/data`")
     return _DATASETS[cfg.name].open(cfg, img_size)
+
+
+def check_readable(cfg: DataConfig) -> None:
+    """Fail now if a job would fail on every rank for want of its data: no root, or one this host cannot read.
+
+    A set that ``prepare`` generates passes: it is made before the job is submitted. The files
+    inside are read by the job itself (a full ImageNet listing would take the login node minutes).
+    """
+    if not cfg.root:
+        raise DataError(f"data.root is not set: point it at the {cfg.name} data set, e.g. `data.root=/path/to/data`")
+    if _DATASETS[cfg.name].prepare is not None and cfg.generate_frames > 0:
+        return
+    root = Path(cfg.root)
+    if not root.exists():
+        raise DataError(
+            f"data.root {root} does not exist on this host; the job's nodes would not find it either. "
+            f"Point data.root at the {cfg.name} data set on the shared filesystem."
+        )
+    if not os.access(root, os.R_OK | (os.X_OK if root.is_dir() else 0)):
+        raise DataError(
+            f"data.root {root} is not readable by this user; fix its permissions or point data.root elsewhere."
+        )
 
 
 def prepare(cfg: DataConfig, img_size: int) -> None:

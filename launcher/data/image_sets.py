@@ -27,13 +27,48 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from launcher.data import BaseDataset, DataConfig, register_dataset
+from launcher.data import BadSample, BaseDataset, DataConfig, register_dataset
 from launcher.errors import DataError
 
 log = logging.getLogger(__name__)
 
 STL10_SPLITS = ("train", "test", "unlabeled")
 SVHN_SPLITS = ("train", "test", "extra")
+
+
+# What PIL raises for a file that is not a (whole) image: truncated, another format, garbage.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """The whole image at ``path`` decoded, as RGB (a truncated file fails here, not later)."""
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def check_image_folder(root: Path, num_workers: int = 1) -> tuple[int, list[tuple[str, str]]]:
+    """Decode every image of an ImageNet-layout folder: (how many, [(path, why) for each bad one])."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from torchvision.datasets import ImageFolder
+
+    folder = ImageFolder(str(root), loader=lambda path: path)  # list the files, open none
+    paths = [path for path, _ in folder.samples]
+    if num_workers > 1:
+        with ProcessPoolExecutor(num_workers) as pool:
+            problems = list(pool.map(image_problem, paths, chunksize=256))
+    else:
+        problems = [image_problem(p) for p in paths]
+    return len(paths), [(p, why) for p, why in zip(paths, problems) if why is not None]
+
+
+def image_problem(path: str) -> str | None:
+    try:
+        read_image(path)
+    except IMAGE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def sequential_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +110,8 @@ def open_svhn(cfg: DataConfig, img_size: int) -> BaseDataset:
 
 
 class LabelledImages(Dataset):
-    """(RGB PIL image, class label tensor) from a torchvision data set returning (PIL, class index)."""
+    """(RGB PIL image, class label tensor) from a torchvision ``ImageFolder``; an unreadable file is a
+    ``BadSample`` naming it (the pipeline replaces it; ``launch data check`` lists them all)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -84,8 +120,12 @@ class LabelledImages(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, torch.Tensor]:
-        image, target = self.dataset[index]
-        return image.convert("RGB"), torch.tensor(target, dtype=torch.long)
+        path, target = self.dataset.samples[index]
+        try:
+            image = read_image(path)
+        except IMAGE_ERRORS as e:
+            raise BadSample(path, e) from None
+        return image, torch.tensor(target, dtype=torch.long)
 
     def split(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
         return sequential_split(len(self), fraction)

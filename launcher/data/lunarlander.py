@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 import uuid
 from collections import deque
@@ -52,7 +53,9 @@ STATE_FIELDS: tuple[str, ...] = (
     "left_leg_contact",
     "right_leg_contact",
 )
-AGENTS: tuple[str, ...] = ("random", "heuristic")
+# mixed: even episodes the heuristic pilot (it flies to the pad and lands), odd ones random
+# actions (they mostly fall and crash): together more varied states than either.
+AGENTS: tuple[str, ...] = ("random", "heuristic", "mixed")
 MIN_SIZE = 64
 SIZE_STEP = 16
 
@@ -185,7 +188,8 @@ def _run_episode(runner: _Runner, episode: int, max_frames: int) -> _Episode:
             break
         if runner.stop is not None and runner.stop.is_set():
             break  # the parent has all it needs; this result will be thrown away
-        action = heuristic(env, obs) if runner.agent == "heuristic" else env.action_space.sample()
+        piloted = runner.agent == "heuristic" or (runner.agent == "mixed" and episode % 2 == 0)
+        action = heuristic(env, obs) if piloted else env.action_space.sample()
         obs, _, terminated, truncated, _ = env.step(action)
         done = terminated or truncated
     return _Episode(episode, np.stack(frames), np.asarray(states, dtype=np.float32))
@@ -194,9 +198,29 @@ def _run_episode(runner: _Runner, episode: int, max_frames: int) -> _Episode:
 _worker_runner: _Runner | None = None
 
 
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent dies, however it dies (Linux; elsewhere nothing).
+
+    A generator killed with SIGKILL cannot stop its workers; without this they would live on,
+    each holding an environment, until killed by hand.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call: nobody will be told
+        os._exit(1)
+
+
 def _init_worker(agent: str, size: int, seed: int, max_episode_steps: int | None, stop: EventType) -> None:
     """Worker initializer: one environment per worker process, reused across episodes."""
     global _worker_runner
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     _worker_runner = _Runner.create(agent, size, seed, max_episode_steps, stop)
 
@@ -347,7 +371,7 @@ def generate_lunarlander(
     num_frames: int,
     *,
     size: int = 64,
-    agent: Literal["random", "heuristic"] = "random",
+    agent: Literal["random", "heuristic", "mixed"] = "random",
     num_workers: int = 2,
     seed: int = 0,
     max_episode_steps: int | None = None,
@@ -364,6 +388,7 @@ def generate_lunarlander(
     _check_generate_args(num_frames, size, agent, num_workers, seed, max_episode_steps)
     _check_out_free(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     logger.info(
@@ -394,6 +419,29 @@ def generate_lunarlander(
         time.perf_counter() - start,
     )
     return out
+
+
+def _remove_abandoned_partials(out: Path) -> None:
+    """Delete what generators of ``out`` that were killed outright (no cleanup) left behind."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            logger.info("removing %s, left by a generator that was killed", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
 
 
 class LunarLanderFrames:
@@ -553,7 +601,12 @@ def prepare_lunarlander(cfg: DataConfig, img_size: int) -> None:
         size = frame_size_for(img_size)
         logger.info("no LunarLander data at %s: generating %d frames of %d px", root, cfg.generate_frames, size)
         generate_lunarlander(
-            root, cfg.generate_frames, size=size, num_workers=max(1, cfg.num_workers), seed=cfg.generate_seed
+            root,
+            cfg.generate_frames,
+            size=size,
+            agent=cfg.generate_agent,
+            num_workers=max(1, cfg.num_workers),
+            seed=cfg.generate_seed,
         )
 
 

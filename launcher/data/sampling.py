@@ -10,14 +10,19 @@ batches, crops and masks as an uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from launcher.data import BaseDataset
+from launcher.data import BadSample, BaseDataset
+from launcher.errors import DataError
 from methods.seeding import seeded_host_rngs
+
+log = logging.getLogger(__name__)
 
 
 def sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
@@ -26,8 +31,17 @@ def sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
     return int(state[0] >> np.uint64(1)), int(state[1] >> np.uint64(1))
 
 
+MAX_REPLACEMENTS = 10  # draws of a replacement for a bad sample before the data set is called broken
+_reported: set[str] = set()  # bad files this process has logged already
+
+
 class SeededDataset(Dataset):
-    """Applies the transform under the sample's own seed; keys are (index, epoch) pairs."""
+    """Applies the transform under the sample's own seed; keys are (index, epoch) pairs.
+
+    A sample whose file cannot be read is replaced by another, drawn from (seed, epoch, index),
+    so the pipeline stays a function of the key and resume stays exact; the sample says so
+    (``bad``: 1) for the trainer to count, and the file is logged once per process.
+    """
 
     def __init__(self, base: BaseDataset, transform: Callable, seed: int) -> None:
         self.base, self.transform, self.seed = base, transform, seed
@@ -35,16 +49,35 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def _read(self, index: int, epoch: int) -> tuple[object, torch.Tensor, int]:
+        """(image, label, number of bad files met): the sample, or its deterministic replacement."""
+        draws = np.random.default_rng([self.seed, epoch, index])
+        last: BadSample | None = None
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            try:
+                image, label = self.base[index]
+                return image, label, attempt
+            except BadSample as bad:
+                last = bad
+                if bad.path not in _reported:
+                    _reported.add(bad.path)
+                    log.warning("unreadable sample replaced by another: %s", bad)
+                index = int(draws.integers(len(self.base)))
+        raise DataError(
+            f"{MAX_REPLACEMENTS + 1} samples in a row could not be read, the last {last}: the data set "
+            f"is mostly broken. Run `launch data check {Path(last.path).parent.parent}` to list bad files."
+        )
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int]:
         index, epoch = key
         augment_seed, model_seed = sample_seeds(self.seed, epoch, index)
-        image, label = self.base[index]
+        image, label, bad = self._read(index, epoch)
         # Seed every RNG an augmentation may draw from (timm's also use Python's and NumPy's),
         # and restore them after, so the caller's (or the worker's) streams stay untouched.
         with torch.random.fork_rng(devices=[]), seeded_host_rngs(augment_seed):
             torch.manual_seed(augment_seed)
             image = self.transform(image)
-        return {"image": image, "label": label, "seed": model_seed, "index": index}
+        return {"image": image, "label": label, "seed": model_seed, "index": index, "bad": bad}
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -88,11 +121,12 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """A batch of samples: tensors stacked (image or features, label), integers as int64 (seed, index)."""
     return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "label": torch.stack([s["label"] for s in samples]),
-        "seed": torch.tensor([s["seed"] for s in samples], dtype=torch.long),
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        key: torch.stack([s[key] for s in samples])
+        if isinstance(value, torch.Tensor)
+        else torch.tensor([s[key] for s in samples], dtype=torch.long)
+        for key, value in samples[0].items()
     }
 
 

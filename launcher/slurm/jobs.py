@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ def master_port(job_id: str, attempt: int) -> int:
     requeued job must not meet a half-closed store of its previous attempt."""
     number = int("".join(c for c in job_id if c.isdigit()) or 0)
     return 20000 + (number * 131 + attempt * 7) % 40000
+
+
+@dataclass
+class Progress:
+    finished: bool
+    step: int | None  # the training step reached, where there is one
 
 
 class TrainingJob:
@@ -81,32 +88,26 @@ class TrainingJob:
         run_dir, rank = Path(self.run_dir), env.global_rank
         if rank == 0:
             record_attempt(run_dir, env.job_id, attempt, outcome="running")
-        trainer = None
+        self.trainer = None  # the work's trainer, once it has one: how far it got if it fails
         try:
             import torch.distributed as dist
 
-            from launcher.config import read_yaml
-            from launcher.experiment import experiment_from_dict
-            from launcher.runs import CONFIG
-            from launcher.trainer import Trainer
-
             try:
-                trainer = Trainer(experiment_from_dict(read_yaml(run_dir / CONFIG)), run_dir, stop)
-                trainer.resume()
-                result = trainer.fit()
-                trainer.accelerator.wait_for_everyone()
+                result = self.work(run_dir, stop)
             finally:
                 if dist.is_available() and dist.is_initialized():
                     dist.destroy_process_group()  # no rank may outlive the job (zombie jobs)
         except BaseException as e:
             if not isinstance(e, SystemExit):
+                step = self.trainer.state.step if self.trainer is not None else None
                 record_attempt(
                     run_dir,
                     env.job_id,
                     attempt,
                     outcome="failed",
                     error=f"rank {rank}: {type(e).__name__}: {e}",
-                    step=trainer.state.step if trainer is not None else None,
+                    step=step,
+                    rank=rank,
                 )
             raise
 
@@ -119,13 +120,14 @@ class TrainingJob:
         # Requeue only after our own USR2: `scontrol requeue` also brings back a job that is
         # being cancelled.
         first = stop.signal or "a signal to another rank"
+        where = "a step boundary" if result.step is None else f"step {result.step}"
         if first != "SIGUSR2":
             record_attempt(run_dir, env.job_id, attempt, outcome="terminated", step=result.step)
-            log.info("stopped at step %d after %s; not requeueing", result.step, first)
+            log.info("stopped at %s after %s; not requeueing", where, first)
             sys.exit(-1)  # no result file: if SLURM requeues the job, it comes back
         if attempt >= self.max_requeues:
             reason = (
-                f"stopped at step {result.step} by a signal after {attempt} requeues; the limit is "
+                f"stopped at {where} by a signal after {attempt} requeues; the limit is "
                 f"{self.max_requeues} (--max-requeues). Run `launch resume {run_dir}` to go on."
             )
             record_attempt(run_dir, env.job_id, attempt, outcome="stopped", step=result.step, error=reason)
@@ -133,11 +135,24 @@ class TrainingJob:
         record_attempt(run_dir, env.job_id, attempt, outcome="requeued", step=result.step)
         try:
             subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60, capture_output=True)
-            log.info("requeued job %s after step %d", env.job_id, result.step)
+            log.info("requeued job %s after %s", env.job_id, where)
         except (subprocess.SubprocessError, OSError) as e:
             # A preempting partition with PreemptMode=REQUEUE may have requeued the job already.
             log.warning("scontrol requeue %s failed (%s); SLURM may requeue it itself", env.job_id, e)
         sys.exit(-1)  # like submitit after a requeue: no result file, the job comes back
+
+    def work(self, run_dir: Path, stop: StopRequest) -> Progress:
+        """Train the run of ``run_dir`` from its newest checkpoint until it ends or ``stop`` is requested."""
+        from launcher.config import read_yaml
+        from launcher.experiment import experiment_from_dict
+        from launcher.runs import CONFIG
+        from launcher.trainer import Trainer
+
+        self.trainer = Trainer(experiment_from_dict(read_yaml(run_dir / CONFIG)), run_dir, stop)
+        self.trainer.resume()
+        result = self.trainer.fit()
+        self.trainer.accelerator.wait_for_everyone()
+        return Progress(result.finished, result.step)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's USR2 handler calls this on rank 0 before ours is installed; it then requeues."""
@@ -155,6 +170,19 @@ class TrainingJob:
         return submitit.helpers.DelayedSubmission(type(self)(self.run_dir, self.use_gpu, self.max_requeues))
 
 
+class StudyJob(TrainingJob):
+    """The body of every task of a study (``launch study ... --cluster``): each of its runs on all ranks.
+
+    The study directory holds ``study.yaml``; rank 0 times the methods and probes the encoders
+    while the other ranks wait. Signals, requeues and records are those of a training run.
+    """
+
+    def work(self, study_dir: Path, stop: StopRequest) -> Progress:
+        from launcher.studies.pcae_vs_mae import STUDY_FILE, Study, load_study
+
+        return Progress(Study(load_study(study_dir / STUDY_FILE), study_dir).run(stop), None)
+
+
 def _publish(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -168,9 +196,9 @@ class RaySweepJob:
     folder (on the shared filesystem); the other tasks wait for it and start Ray workers that
     join. Task 0 then runs the study's sweep (``launcher.studies``), and when it ends (or fails)
     writes ``done``: the workers stop their Ray node and say so, then task 0 stops the head.
-    Each task stops only the Ray processes it started. Without a ``checkpoint()``, a preempted
-    job is requeued by submitit and its next attempt restores the sweep; a job that runs out of
-    time is not (resubmit it).
+    Each task stops only the Ray processes it started. On USR2 (preemption, or the time limit
+    coming) submitit calls ``checkpoint()`` and requeues the job; its next attempt restores the
+    sweep, finished trials kept (Ray Tune's own checkpoints).
     """
 
     def __init__(self, study: str, sweep_dir: str, storage: str, gpus_per_node: int) -> None:
@@ -240,6 +268,15 @@ class RaySweepJob:
             raise
         record_attempt(sweep_dir, env.job_id, attempt, outcome="finished")
         return {"sweep": str(sweep_dir), "nodes": env.num_nodes}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's requeue hook: the same sweep again; its next attempt restores it."""
+        import submitit
+
+        record_attempt(Path(self.sweep_dir), submitit.JobEnvironment().job_id, restart_count(), outcome="requeued")
+        return submitit.helpers.DelayedSubmission(
+            type(self)(self.study, self.sweep_dir, self.storage, self.gpus_per_node)
+        )
 
     def _worker(self, env: Any, rendezvous: Path, temp_dir: Path, cpus: int | None) -> dict[str, Any]:
         from launcher.tune import ray_cluster

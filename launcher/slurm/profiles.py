@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.config import REPO_ROOT, build_dataclass
+from launcher.config import REPO_ROOT, build_dataclass, load_yaml, yaml_problem
 from launcher.errors import ConfigError, RunDirError, UserError
 
 CLUSTERS_DIR = REPO_ROOT / "slurm" / "clusters"
@@ -44,7 +44,6 @@ class ClusterProfile:
     constraint: str | None = None
     signal_delay_s: int = 90
     setup: tuple[str, ...] = ()
-    preempt_partition: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("max_nodes", "time_min", "cpus_per_task"):
@@ -82,9 +81,9 @@ def load_profile(name: str) -> ClusterProfile:
             f"{', '.join(profile_names()) or 'none'} (files in {CLUSTERS_DIR})"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"cluster profile {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"cluster profile {path} is not valid YAML: {yaml_problem(e)}") from None
     try:
         return build_dataclass(ClusterProfile, raw, f"cluster profile {name}")
     except RunDirError as e:

@@ -7,9 +7,12 @@ Replaced atomically, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +38,51 @@ def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
+@contextlib.contextmanager
+def updating(run_dir: Path) -> Iterator[None]:
+    """Hold RUN/.launch.lock: every rank of a job may update launch.json at once (when all fail)."""
+    import fcntl
+
+    fd = os.open(Path(run_dir) / ".launch.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def record_attempt(
-    run_dir: Path, job_id: str, attempt: int, outcome: str, step: int | None = None, error: str | None = None
+    run_dir: Path,
+    job_id: str,
+    attempt: int,
+    outcome: str,
+    step: int | None = None,
+    error: str | None = None,
+    rank: int = 0,
 ) -> None:
     """Add or update the entry of (job, attempt) in RUN/launch.json.
 
     A new attempt of a job means SLURM requeued it: an earlier attempt still marked running
     (killed before it could report, e.g. at the end of a preemption's grace time) or
-    terminated (it checkpointed on SIGTERM) is recorded as requeued by SLURM.
+    terminated (it checkpointed on SIGTERM) is recorded as requeued by SLURM. When ranks fail,
+    each records its error with the time it failed, and the attempt's error is the first one:
+    the others are mostly its consequence (a peer's connection closing).
     """
+    failed_at = time.time()
+    with updating(run_dir):
+        _record_attempt(run_dir, job_id, attempt, outcome, step, error, rank, failed_at)
+
+
+def _record_attempt(
+    run_dir: Path,
+    job_id: str,
+    attempt: int,
+    outcome: str,
+    step: int | None,
+    error: str | None,
+    rank: int,
+    failed_at: float,
+) -> None:
     try:
         record = read_launch(run_dir)
     except (RunDirError, json.JSONDecodeError):
@@ -66,6 +105,8 @@ def record_attempt(
     if step is not None:
         entry["step"] = step
     if error is not None:
-        entry["error"] = error
-        record["last_error"] = error
+        errors = entry.setdefault("errors", [])
+        errors.append({"rank": rank, "time": failed_at, "error": error})
+        errors.sort(key=lambda e: e["time"])
+        entry["error"] = record["last_error"] = errors[0]["error"]
     write_launch(run_dir, record)

@@ -22,7 +22,7 @@ from typing import Any
 from launcher.config import build_dataclass, dump_yaml, to_dict
 from launcher.errors import ConfigError, RunDirError
 from launcher.slurm.control import check_not_active
-from launcher.slurm.jobs import RaySweepJob, TrainingJob
+from launcher.slurm.jobs import RaySweepJob, StudyJob, TrainingJob
 from launcher.slurm.profiles import (
     ClusterProfile,
     Resources,
@@ -33,6 +33,8 @@ from launcher.slurm.profiles import (
     resolve_resources,
 )
 from launcher.slurm.records import LAUNCH_JSON, now, read_launch, write_launch
+
+STARTUP_S = 60  # from submission to the first step: Python, torch, the data and the model
 
 
 @dataclass
@@ -97,6 +99,15 @@ def submit(work: Work, request: Request, dry_run: bool = False) -> Submission:
     max_requeues = request.max_requeues if work.max_requeues is None else work.max_requeues
     if max_requeues < 0:
         raise ConfigError("--max-requeues must be >= 0")
+    # SLURM signals signal_delay_s before the limit, and Python, torch and the first step need
+    # their start-up: a limit shorter than both would end every attempt before it trained.
+    if res.time_min * 60 < profile.signal_delay_s + STARTUP_S:
+        need = -(-(profile.signal_delay_s + STARTUP_S) // 60)
+        raise ConfigError(
+            f"--time {res.time_min} min leaves no time to train: SLURM sends the checkpoint signal "
+            f"{profile.signal_delay_s} s before the limit (signal_delay_s of the profile) and start-up takes "
+            f"about {STARTUP_S} s. Ask for at least --time {need}."
+        )
     directory = work.directory(profile)
     check_shared(directory, "run directory")
     resuming = work.check(directory, res)
@@ -139,8 +150,11 @@ class TrainingWork(Work):
         return Path(self.run_dir or Path(profile.runs_dir) / self.default_name).resolve()
 
     def check(self, directory: Path, res: Resources) -> bool:
-        from launcher.runs import check_run_dir
+        from launcher.data import check_readable
+        from launcher.runs import check_run_dir, check_unlocked
 
+        for data in self.cfg.data_sets():
+            check_readable(data)
         train, world = self.cfg.train, res.nodes * res.tasks_per_node
         if train.global_batch_size % (train.micro_batch_size * world):
             raise ConfigError(
@@ -148,11 +162,16 @@ class TrainingWork(Work):
                 f"train.micro_batch_size x processes ({train.micro_batch_size} x {world}); "
                 f"change one of them or the number of nodes/GPUs"
             )
-        return check_run_dir(directory, self.cfg)
+        resuming = check_run_dir(directory, self.cfg)
+        check_unlocked(directory)
+        return resuming
 
     def write(self, directory: Path) -> None:
+        """The data sets this project generates (on this host, before any node waits for them), then the config."""
+        from launcher.local import prepare_data
         from launcher.runs import write_config
 
+        prepare_data(self.cfg)
         write_config(directory, self.cfg)
 
     def body(self, directory: Path, res: Resources, max_requeues: int) -> TrainingJob:
@@ -199,6 +218,52 @@ class ResumeWork(TrainingWork):
 
     def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
         return f"submitted job {job_id}; run directory {directory} resumes from its newest checkpoint"
+
+
+class StudyWork(Work):
+    """A study (``launch study ... --cluster``): ``StudyJob`` on every rank, each of its runs on all of them."""
+
+    def __init__(self, study: Any, experiment: Path, directory: Path | None) -> None:
+        self.study, self.experiment, self.study_dir = study, experiment, directory
+        self.job_name = f"launch-study-{study.name}"
+
+    def directory(self, profile: ClusterProfile) -> Path:
+        return Path(self.study_dir or Path(profile.runs_dir) / "study" / self.study.name).resolve()
+
+    def check(self, directory: Path, res: Resources) -> bool:
+        from launcher.studies.pcae_vs_mae import Study
+
+        train, world = self.study.experiment_of("mae", self.study.seeds[0]).train, res.nodes * res.tasks_per_node
+        if train.global_batch_size % (train.micro_batch_size * world):
+            raise ConfigError(
+                f"the study's train.global_batch_size ({train.global_batch_size}) is not a multiple "
+                f"of train.micro_batch_size x processes ({train.micro_batch_size} x {world})"
+            )
+        return Study(self.study, directory).check()
+
+    def write(self, directory: Path) -> None:
+        from launcher.studies.pcae_vs_mae import Study
+
+        Study(self.study, directory).write()
+
+    def body(self, directory: Path, res: Resources, max_requeues: int) -> StudyJob:
+        return StudyJob(str(directory), res.gpus_per_node > 0, max_requeues)
+
+    def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
+        return (
+            f"# study {self.study.name} from {self.experiment}: {len(self.study.seeds)} seeds x 2 methods x "
+            f"{self.study.budget_s:.0f} s\n# study directory: {directory}"
+            f"{' (exists: would resume)' if resuming else ''}\n"
+            f"# cluster {res.cluster}: {res.nodes} node(s) x {res.tasks_per_node} task(s), "
+            f"partition {res.partition}, {res.time_min} min\n# sbatch script\n{script}"
+        )
+
+    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
+        return (
+            f"submitted job {job_id} to {res.cluster} ({res.nodes} node(s), partition {res.partition}): "
+            f"study {self.study.name}{' (resuming)' if resuming else ''}\nstudy directory {directory}\n"
+            f"{_follow_hints(directory)}\n  launch study pcae-vs-mae --report --study-dir {directory}"
+        )
 
 
 SWEEP_MAX_REQUEUES = 10  # preemptions requeue the sweep job; each attempt restores the sweep
@@ -270,6 +335,8 @@ def sbatch_parameters(profile: ClusterProfile, res: Resources, job_name: str) ->
         "stderr_to_stdout": True,  # one log per task: RUN/slurm/subK/JOB_TASK_log.out
         # A rank that dies takes the others with it instead of leaving them to the time limit.
         "srun_args": ["--kill-on-bad-exit=1", "--wait=60"],
+        # Requeueable whatever the cluster's default (JobRequeue=0 would make `scontrol requeue` fail).
+        "additional_parameters": {"requeue": True},
     }
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class SweepConfig:
     max_failures: int = 2  # retries of a failed trial
 
     def __post_init__(self) -> None:
+        check_directory_name(self.name, "sweep")
         unknown = set(self.procedures) - set(PROCEDURES)
         if unknown:
             raise ValueError(f"unknown procedure(s) {sorted(unknown)}; known: {', '.join(PROCEDURES)}")
@@ -139,6 +141,15 @@ class SweepConfig:
         (path / SWEEP_FILE).write_text(json.dumps(to_dict(self)))  # JSON is valid YAML
 
 
+def check_directory_name(name: str, what: str) -> None:
+    """``name`` becomes a directory under the storage: letters, digits, '.', '_', '-', nothing that climbs out."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name.startswith(".."):
+        raise ValueError(
+            f"{what} name {name!r} must be letters, digits, '.', '_' and '-' (it names a directory "
+            f"under the storage; no '/' or '..')"
+        )
+
+
 def load_sweep(path: Path, only_dataset: str | None = None) -> SweepConfig:
     raw = read_yaml(path)
     sweep = build_dataclass(SweepConfig, raw, "sweep")
@@ -177,7 +188,7 @@ def trial_experiment(sweep: SweepConfig, trial: dict[str, Any]) -> ExperimentCon
 
 
 def embed_set(model, data: DataConfig, spec: SweepDataset) -> tuple[np.ndarray, np.ndarray, Any]:
-    """μ embeddings and labels of a whole set (no augmentation), and (data set, kept indices) for splitting."""
+    """μ embeddings and labels (every column) of a whole set, no augmentation; (data set, kept indices)."""
     from launcher.data.transforms import build_transform
     from launcher.embeddings import embed_dataset
 
@@ -189,9 +200,38 @@ def embed_set(model, data: DataConfig, spec: SweepDataset) -> tuple[np.ndarray, 
     x, y = embed_dataset(
         model.embed, base, build_transform(data, spec.img_size, train=False), keep, next(model.parameters()).device
     )
-    if spec.task == "regression":
-        y = y[:, list(spec.targets)].astype(np.float32)
     return x, y, (base, keep)
+
+
+def ridge_probe_scores(
+    x: np.ndarray,
+    labels: np.ndarray,
+    test_x: np.ndarray,
+    test_labels: np.ndarray,
+    groups: np.ndarray,
+    spec: SweepDataset,
+    dataset: str,
+) -> dict[str, float]:
+    """The cheap probe of ``launcher/probe.py`` on the predictors' embeddings: fit on the predictor set
+    (penalty chosen over folds of its ``groups``, LunarLander's episodes), scored on the test set.
+
+    Regression: R² of every label column (LunarLander: all 8 state values) and the mean over the
+    first five; classification: ridge on one-hot labels, accuracy of the largest output.
+    """
+    from launcher.probe import choose_penalties, episode_folds, held_out_probe, predict_with, target_names
+
+    folds = episode_folds(groups, 5)
+    if spec.task == "regression":
+        y, test_y = labels.reshape(len(x), -1), test_labels.reshape(len(test_x), -1)
+        r2 = held_out_probe(x, y, folds, test_x, test_y)
+        names = target_names(dataset, tuple(range(y.shape[1])))
+        scores = {f"probe_r2_{names[k]}": float(v) for k, v in enumerate(r2)}
+        return {**scores, "probe_r2_mean": float(np.mean(r2[: min(5, len(r2))]))}
+    classes = np.concatenate([labels, test_labels]).astype(int)
+    onehot = np.eye(classes.max() + 1)
+    y, test_y = onehot[labels.astype(int)], onehot[test_labels.astype(int)]
+    prediction = predict_with(x, y, test_x, choose_penalties(x, y, folds))
+    return {"probe_accuracy": float((prediction.argmax(1) == test_y.argmax(1)).mean())}
 
 
 def run_trial(trial: dict[str, Any], trial_dir: Path, sweep: SweepConfig) -> dict[str, Any]:
@@ -207,11 +247,17 @@ def run_trial(trial: dict[str, Any], trial_dir: Path, sweep: SweepConfig) -> dic
     model = trainer.accelerator.unwrap_model(trainer.model)
 
     start = time.perf_counter()
-    x, y, (base, kept) = embed_set(model, spec.predictor, spec)
-    test_x, test_y, _ = embed_set(model, spec.test, spec)
+    x, labels, (base, kept) = embed_set(model, spec.predictor, spec)
+    test_x, test_labels, _ = embed_set(model, spec.test, spec)
     # Split by the data set's own rule (LunarLander: whole episodes), among the kept samples.
     _, val_idx = base.split(spec.validation_fraction)
     is_val = np.isin(kept, val_idx)
+    frames = getattr(base, "frames", None)  # LunarLander: fold by episode
+    groups = np.asarray(frames.episodes)[kept] if frames is not None else np.arange(len(kept))
+    probe = ridge_probe_scores(x, labels, test_x, test_labels, groups, spec, spec.predictor.name)
+    y, test_y = labels, test_labels
+    if spec.task == "regression":
+        y, test_y = (a[:, list(spec.targets)].astype(np.float32) for a in (labels, test_labels))
     results = fit_predictors(
         Split(x[~is_val], y[~is_val]),
         Split(x[is_val], y[is_val]),
@@ -235,6 +281,7 @@ def run_trial(trial: dict[str, Any], trial_dir: Path, sweep: SweepConfig) -> dic
         "final_loss": result.loss,
         "predictor_seconds": time.perf_counter() - start,
         "predictors": [{"hidden": list(r.hidden), "val_loss": r.val_loss, **r.test} for r in results],
+        **probe,
         "hostname": socket.gethostname(),  # the node that ran the trial
     }
 

@@ -2,7 +2,10 @@
 
 The table has the paper's shape: one row per procedure, one column per data set, each cell
 the test score of the best predictor (accuracy or R²) as mean ± std over seeds, with the
-autoencoder's wall-clock training time per epoch; one table per (z, γ) of the grid.
+autoencoder's wall-clock training time per epoch; one table per (z, γ) of the grid. Next to
+the predictors stands the project's cheap probe on the same embeddings (``launcher/probe.py``:
+ridge; LunarLander: mean R² over x, y, vx, vy, angle; classes: accuracy), so both papers'
+encoders are judged on the same kind of evidence.
 """
 
 from __future__ import annotations
@@ -34,9 +37,13 @@ def summarise(trials: list[dict[str, Any]]) -> dict[tuple, dict[str, dict[str, A
     for (z, gamma, procedure, dataset), runs in groups.items():
         score, score_std = _mean_std([r["score"] for r in runs])
         seconds, seconds_std = _mean_std([r["seconds_per_epoch"] for r in runs])
+        probes = [r.get("probe_r2_mean", r.get("probe_accuracy")) for r in runs]
+        probe, probe_std = _mean_std(probes) if None not in probes else (None, None)
         table[(z, gamma)][procedure][dataset] = {
             "score": score,
             "score_std": score_std,
+            "probe": probe,
+            "probe_std": probe_std,
             "seconds": seconds,
             "seconds_std": seconds_std,
             "n": len(runs),
@@ -50,21 +57,22 @@ def markdown(table: dict[tuple, dict[str, dict[str, Any]]]) -> str:
     for (z, gamma), rows in sorted(table.items()):
         datasets = sorted({d for cells in rows.values() for d in cells})
         score_names = {d: c[d]["score_name"] for c in rows.values() for d in c}
-        header = "".join(f" {d} {score_names[d]} | {d} s/epoch |" for d in datasets)
-        lines += [f"### z = {z}, γ = {gamma}", "", f"| procedure |{header}", "|---|" + "---|---|" * len(datasets)]
+        header = "".join(f" {d} {score_names[d]} | {d} ridge probe | {d} s/epoch |" for d in datasets)
+        lines += [f"### z = {z}, γ = {gamma}", "", f"| procedure |{header}", "|---|" + "---|---|---|" * len(datasets)]
         ranked = sorted(rows, key=lambda p: -statistics.fmean(c["score"] for c in rows[p].values()))
         for procedure in ranked:
             cells = []
             for d in datasets:
                 c = rows[procedure].get(d)
-                cells += (
-                    ["–", "–"]
-                    if c is None
-                    else [
-                        f"{c['score']:.3f} ± {c['score_std']:.3f} (n={c['n']})",
-                        f"{c['seconds']:.2f} ± {c['seconds_std']:.2f}",
-                    ]
-                )
+                if c is None:
+                    cells += ["–", "–", "–"]
+                    continue
+                probe = "–" if c["probe"] is None else f"{c['probe']:.3f} ± {c['probe_std']:.3f}"
+                cells += [
+                    f"{c['score']:.3f} ± {c['score_std']:.3f} (n={c['n']})",
+                    probe,
+                    f"{c['seconds']:.2f} ± {c['seconds_std']:.2f}",
+                ]
             lines.append(f"| {label(procedure)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

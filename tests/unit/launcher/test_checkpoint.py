@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,14 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
     checkpoint.prune(tmp_path, keep=2)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_0000010", "step_0000003"]
     assert not checkpoint.temporary_path(tmp_path, 11).exists()
+
+
+def test_every_file_of_a_checkpoint_is_readable_like_the_rest_of_the_run(tmp_path: Path) -> None:
+    tmp, final = checkpoint.temporary_path(tmp_path, 3), checkpoint.checkpoint_path(tmp_path, 3)
+    tmp.mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"weights")
+    (tmp / "model.safetensors").chmod(0o600)  # as safetensors writes it
+    checkpoint.seal(tmp, final, {"step": 3})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~mask for p in final.iterdir())

@@ -122,3 +122,20 @@ def test_operating_a_run_imports_neither_torch_nor_timm(tmp_path: Path, operatio
         env={"PYTHONPATH": str(REPO), "PATH": f"{bin_dir}:/usr/bin:/bin"},
     )
     assert "imported: [] exit: 0" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("run_dir", ["afile", "afile/sub"])
+def test_a_run_dir_that_is_a_file_is_refused_clearly(tmp_path: Path, capsys, run_dir: str) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    assert main(["pretrain", "pcae", "--dry-run", "--run-dir", str(tmp_path / run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'afile'} is a file, not a directory" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "not a directory"
+
+
+def test_a_sweep_name_may_not_climb_out_of_its_storage(tmp_path: Path, capsys) -> None:
+    from tests.helpers import TINY_SWEEP
+
+    (tmp_path / "sweep.yaml").write_text(TINY_SWEEP.replace("name: tiny", "name: ../../x"))
+    assert main(["tune", "ae-losses", "--experiment", str(tmp_path / "sweep.yaml"), "--dry-run"]) == 2
+    assert "sweep name '../../x' must be letters" in capsys.readouterr().err

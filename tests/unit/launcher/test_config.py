@@ -29,3 +29,23 @@ def test_int_widens_to_float_but_not_the_reverse() -> None:
 def test_malformed_override(text: str) -> None:
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override(text)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "is empty; give at least the keys"),
+        ("# only a comment\n", "is empty"),
+        ("train:\n  num_epochs: 2\n  num_epochs: 3\n", r"the key 'num_epochs' is given twice \(line 3\)"),
+        ("optim: {blr: 1, blr: 2}\n", "the key 'blr' is given twice"),
+    ],
+)
+def test_an_empty_file_and_a_key_given_twice_are_refused(tmp_path, text: str, message: str) -> None:
+    from launcher.config import read_yaml
+    from launcher.errors import ConfigError
+
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as raised:
+        read_yaml(path)
+    assert "\n" not in str(raised.value)  # one paragraph

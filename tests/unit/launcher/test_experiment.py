@@ -10,8 +10,9 @@ from launcher.config import EXPERIMENTS_DIR
 from launcher.errors import ConfigError
 from launcher.experiment import ExperimentConfig, experiment_from_dict, load_experiment
 
-# Every experiment a trainer runs; sweep files (experiments/tune/) are tested in test_tune.py.
-EXPERIMENTS = sorted(p for p in EXPERIMENTS_DIR.rglob("*.yaml") if p.parent.name != "tune")
+# Every experiment a trainer runs; the files of sweeps (tune/), studies (study/) and the demo (demo/)
+# are tested below and in tests/unit/launcher/studies/.
+EXPERIMENTS = sorted(p for p in EXPERIMENTS_DIR.rglob("*.yaml") if p.parent.name not in ("tune", "study", "demo"))
 
 
 def test_experiments_exist() -> None:
@@ -93,3 +94,14 @@ def test_bad_configs_name_the_problem(raw: dict, message: str) -> None:
 def test_method_argument_must_match_the_file() -> None:
     with pytest.raises(ConfigError, match="is for method 'pcae' but the command asks for 'mae'"):
         load_experiment(EXPERIMENTS_DIR / "pretrain" / "pcae_vit_base.yaml", method="mae")
+
+
+def test_the_demo_and_study_files_load() -> None:
+    from launcher.demo import load_demo, resolve_experiment
+    from launcher.studies.pcae_vs_mae import load_study
+
+    demo = load_demo()
+    assert resolve_experiment(demo.linprobe).is_file() and demo.probe.data.generate_seed not in (0, 1)
+    for path in sorted((EXPERIMENTS_DIR / "study").glob("*.yaml")):
+        study = load_study(path)
+        assert len(study.seeds) >= 3 and study.fractions[-1] == 1.0

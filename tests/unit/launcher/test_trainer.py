@@ -189,7 +189,46 @@ def test_the_optimizer_skips_frozen_parameters_and_decays_only_matrices(image_fo
 def test_a_stop_request_checkpoints_at_the_next_step_boundary(image_folder: Path, tmp_path: Path) -> None:
     cfg = experiment_from_dict(tiny_experiment("mae", image_folder))
     trainer = Trainer(cfg, tmp_path / "run")
-    trainer.request_stop()  # as a signal handler would, before the step's all-reduce
+    original = trainer.model.forward
+
+    def forward_then_signal(batch):  # a signal arrives during step 2, before its all-reduce
+        if trainer.state.step == 1:
+            trainer.request_stop()
+        return original(batch)
+
+    trainer.model.forward = forward_then_signal
     result = trainer.fit()
-    assert (result.step, result.finished) == (1, False)
-    assert checkpoint.latest_valid(tmp_path / "run") == checkpoint.checkpoint_path(tmp_path / "run", 1)
+    assert (result.step, result.finished) == (2, False)
+    assert checkpoint.latest_valid(tmp_path / "run") == checkpoint.checkpoint_path(tmp_path / "run", 2)
+
+
+def test_a_stop_requested_before_the_first_step_returns_at_once_with_nothing_to_save(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    cfg = experiment_from_dict(tiny_experiment("mae", image_folder))
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.request_stop()  # a signal during start-up (a SLURM job then requeues without a checkpoint)
+    result = trainer.fit()
+    assert (result.step, result.finished) == (0, False)
+    assert checkpoint.latest_valid(tmp_path / "run") is None
+
+
+def test_a_frozen_encoder_is_encoded_once_and_trains_the_same_head(tmp_path: Path, monkeypatch) -> None:
+    """linprobe without augmentation trains its head on features computed once: the same losses."""
+    from methods.classifier import ViTClassifier
+
+    images = make_image_folder(tmp_path / "images")
+    raw = finetune_experiment(images, "linprobe", keep_ratio=0.75, num_drop_stages=2)
+    raw["data"]["augment"] = "none"
+    cfg = experiment_from_dict(raw)
+    cached = Trainer(cfg, tmp_path / "cached")
+    cached.fit()
+    assert "features" in next(iter(cached.loader))  # the head trained on the cached features
+    monkeypatch.setattr(ViTClassifier, "features_frozen", property(lambda self: False))
+    per_step = Trainer(cfg, tmp_path / "per-step")
+    per_step.fit()
+    assert "image" in next(iter(per_step.loader))
+    for (step_a, a), (step_b, b) in zip(losses(tmp_path / "cached"), losses(tmp_path / "per-step"), strict=True):
+        assert step_a == step_b and abs(a - b) <= 1e-5 * abs(b)
+    first, second = (json.loads((tmp_path / run / "eval.json").read_text()) for run in ("cached", "per-step"))
+    assert first["acc1"] == second["acc1"] and abs(first["loss"] - second["loss"]) <= 1e-5

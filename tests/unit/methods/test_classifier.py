@@ -75,6 +75,7 @@ def test_an_official_mae_finetuned_checkpoint_gives_the_same_predictions(tmp_pat
     pretrained = load_pretrained(path)
     assert pretrained.source == "official MAE" and pretrained.head is not None
     model = ViTClassifier(ClassifierConfig(**TINY, num_classes=5, pretrained=str(path), drop_path=0.0)).eval()
+    model.initialize()  # the trainer does this for a run without a checkpoint
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.predict(images), reference(images), rtol=1e-5, atol=1e-5)
@@ -88,6 +89,7 @@ def test_an_official_mae_pretrained_checkpoint_with_cls_pooling(tmp_path: Path) 
     torch.save({"model": state}, path)
     cfg = LinearProbeConfig(**TINY, num_classes=5, pretrained=str(path), head_batchnorm=False)
     model = ViTClassifier(cfg).eval()
+    model.initialize()
     with torch.no_grad():
         images = torch.randn(3, 3, 32, 32)
         torch.testing.assert_close(
@@ -101,7 +103,9 @@ def test_pretrained_weights_of_another_size_fail_clearly(tmp_path: Path) -> None
     path = tmp_path / "w.pth"
     torch.save({"model": timm_vit("avg").state_dict()}, path)
     with pytest.raises(ValueError, match="width 32, depth 3.*set method.size"):
-        ViTClassifier(ClassifierConfig(size="tiny", img_size=32, patch_size=8, num_classes=5, pretrained=str(path)))
+        ViTClassifier(
+            ClassifierConfig(size="tiny", img_size=32, patch_size=8, num_classes=5, pretrained=str(path))
+        ).initialize()
     with pytest.raises(ValueError, match="no EMA teacher"):
         load_pretrained(path, "teacher")
 

@@ -119,7 +119,7 @@ def test_tiny_flavour_is_micro() -> None:
         ({"mask_ratio": 0.0}, r"mask_ratio must be in \(0, 1\)"),
         ({"mask_ratio": 1.0}, r"mask_ratio must be in \(0, 1\)"),
         ({"mask_ratio": 0.99, "img_size": 32, "patch_size": 8}, "both must be at least 1"),
-        ({"size": "giant"}, "known presets: micro, tiny, small, base, large, huge"),
+        ({"size": "giant"}, "known presets: micro, mini, tiny, small, base, large, huge"),
         ({"patch_size": 0}, "patch_size must be positive"),
         ({"decoder_num_heads": 5}, "not divisible by decoder_num_heads"),
         ({"decoder_dim": 0}, "must be positive"),

@@ -15,7 +15,7 @@ def test_every_shipped_profile_loads() -> None:
     for name in profiles.profile_names():
         profiles.load_profile(name)
     profile = profiles.load_profile("local-test")
-    assert (profile.partition, profile.max_nodes, profile.preempt_partition) == ("debug", 4, "high")
+    assert (profile.partition, profile.max_nodes, profile.runs_dir) == ("debug", 4, "/var/tmp/launch-runs")
 
 
 def test_unknown_profile_lists_the_known_ones() -> None:

@@ -15,7 +15,7 @@ from tests.helpers import GOLDEN, fake_slurm, launch
 
 def test_the_sbatch_script_matches_the_golden_file(monkeypatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")  # no SLURM: the dry run renders without asking it
-    cfg = load_experiment(None, method="pcae")
+    cfg = load_experiment(None, ["data.root=/"], method="pcae")
     work = TrainingWork(cfg, Path("pcae.yaml"), Path("/shared/runs/pretrain-x"), "unused")
     text = submit(work, Request("local-test", nodes=2), dry_run=True).text
     script = text.split("# sbatch script\n", 1)[1].replace(shlex.quote(sys.executable), "PYTHON")
@@ -36,8 +36,11 @@ def test_the_sbatch_script_matches_the_golden_file(monkeypatch) -> None:
         ("--cluster local-test --partition high --nodes 4", "more than partition 'high' has (2"),
         ("--cluster local-test --nodes 3", "train.global_batch_size (4096) is not a multiple"),
         ("--cluster local-test --run-dir /tmp/launch-run", "local to each machine"),
-        ("--cluster local-test --run-dir FILE/run", "is not writable"),
+        ("--cluster local-test --run-dir FILE/run", "FILE is a file, not a directory"),
         ("--cluster local-test --max-requeues -1", "--max-requeues must be >= 0"),
+        ("--cluster local-test --time 1", "--time 1 min leaves no time to train"),
+        ("--cluster local-test NO_DATA", "data.root is not set"),
+        ("--cluster local-test data.root=/no/such/folder", "data.root /no/such/folder does not exist on this host"),
     ],
 )
 def test_bad_slurm_input_exits_2_before_anything_is_written(
@@ -47,16 +50,21 @@ def test_bad_slurm_input_exits_2_before_anything_is_written(
     monkeypatch.setenv("PATH", f"{shared_tmp / 'bin'}:/usr/bin:/bin")
     (shared_tmp / "FILE").write_text("")
     flags = flags.replace("FILE", str(shared_tmp / "FILE"))
+    if "data.root" not in flags:  # an existing data folder, so that the later checks are reached
+        flags = flags.replace(" NO_DATA", "") if "NO_DATA" in flags else f"{flags} data.root={shared_tmp}"
     if "--run-dir" not in flags:
         flags += f" --run-dir {shared_tmp / 'runs' / 'x'}"
     assert launch(f"pretrain pcae {flags}") == 2
-    assert message in capsys.readouterr().err
+    assert message.replace("FILE", str(shared_tmp / "FILE")) in capsys.readouterr().err
     assert not (shared_tmp / "runs").exists()
 
 
 def test_no_sbatch_on_path_is_a_clear_error(shared_tmp: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("PATH", str(shared_tmp))
-    assert launch("pretrain pcae --cluster local-test --nodes 2 --run-dir", shared_tmp / "run") == 2
+    assert (
+        launch(f"pretrain pcae --cluster local-test --nodes 2 data.root={shared_tmp} --run-dir", shared_tmp / "run")
+        == 2
+    )
     assert "no `sbatch` on PATH" in capsys.readouterr().err
     assert not (shared_tmp / "run").exists()
 
@@ -66,7 +74,12 @@ def test_dry_run_prints_config_run_dir_and_sbatch_script_and_submits_nothing(
 ) -> None:
     monkeypatch.setenv("PATH", str(shared_tmp))  # no SLURM at all: a dry run still renders the script
     run = shared_tmp / "shared" / "run"
-    assert launch("pretrain pcae --cluster local-test --nodes 2 --time 10 --dry-run --run-dir", run) == 0
+    assert (
+        launch(
+            f"pretrain pcae --cluster local-test --nodes 2 --time 10 --dry-run data.root={shared_tmp} --run-dir", run
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"# run directory: {run}\n" in out and "method:\n  name: pcae" in out
     assert "#SBATCH --nodes=2\n" in out and "#SBATCH --time=10\n" in out
