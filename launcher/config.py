@@ -17,10 +17,6 @@ import yaml
 
 from launcher.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS_DIR = REPO_ROOT / "experiments"
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -59,7 +55,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML file holding a mapping; missing, empty, malformed or with a key twice is a ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"experiment file {path} does not exist; see {EXPERIMENTS_DIR} for the shipped ones")
+        raise ConfigError(f"experiment file {path} does not exist; `launch experiments` lists the shipped ones")
     try:
         data = load_yaml(path.read_text())
     except yaml.YAMLError as e:
@@ -96,24 +92,29 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def build_dataclass(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    """Build ``cls`` from a mapping, rejecting unknown keys and values of the wrong type."""
+    """Build ``cls`` from a mapping, rejecting unknown keys and values of the wrong type.
+
+    ``prefix`` names the mapping in messages (``method`` -> ``method.pool``); empty for a whole file.
+    """
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix or 'the file'} must be a mapping, got {raw!r}")
     hints = get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(raw) - fields
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in sorted(unknown))}; "
-            f"{prefix} allows: {', '.join(sorted(fields))}"
+            f"unknown key(s) {', '.join(dotted(prefix, k) for k in sorted(unknown))}; "
+            f"{prefix or 'it'} allows: {', '.join(sorted(fields))}"
         )
-    kwargs = {key: coerce(hints[key], value, f"{prefix}.{key}") for key, value in raw.items()}
+    kwargs = {key: coerce(hints[key], value, dotted(prefix, key)) for key, value in raw.items()}
     try:
         return cls(**kwargs)
-    except ValueError as e:
-        raise ConfigError(f"invalid {prefix}: {e}") from None
-    except TypeError as e:  # a required field is missing
-        raise ConfigError(f"invalid {prefix}: {e}") from None
+    except (ValueError, TypeError) as e:  # TypeError: a required field is missing
+        raise ConfigError(f"invalid {prefix}: {e}" if prefix else f"invalid: {e}") from None
+
+
+def dotted(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
 
 
 def coerce(tp: Any, value: Any, key: str) -> Any:

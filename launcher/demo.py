@@ -20,17 +20,16 @@ import numpy as np
 import torch
 
 from launcher import sources
-from launcher.config import EXPERIMENTS_DIR, build_dataclass, read_yaml
+from launcher.config import build_dataclass, read_yaml
 from launcher.data import prepare
 from launcher.embeddings import pooled_patch_tokens
 from launcher.experiment import ExperimentConfig, load_experiment
 from launcher.local import STOP_SIGNALS, run_training
 from launcher.probe import ProbeConfig, ProbeSet, describe, target_names
 from launcher.runs import CONFIG, describe_eval, read_eval, resume_note
+from launcher.shipped import experiment_label, find_experiment, shipped_experiment
 from launcher.stopping import signals_interrupt
 from methods import build_method
-
-DEMO_FILE = EXPERIMENTS_DIR / "demo" / "local.yaml"
 
 
 @dataclass
@@ -38,11 +37,11 @@ class DemoConfig:
     """What the demo shows: the probe, and the linear-probe experiment run on the encoder."""
 
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    linprobe: str = "linprobe/local.yaml"  # under experiments/, or a path
+    linprobe: str = "linprobe/local"  # a shipped experiment, or a path
 
 
-def load_demo(path: Path = DEMO_FILE) -> DemoConfig:
-    return build_dataclass(DemoConfig, read_yaml(path), "demo")
+def load_demo(path: Path | None = None) -> DemoConfig:
+    return build_dataclass(DemoConfig, read_yaml(path or shipped_experiment("demo/local")), "demo")
 
 
 def run_demo(cfg: ExperimentConfig, experiment: Path, run_dir: Path, resuming: bool, out: TextIO) -> int:
@@ -84,13 +83,8 @@ def run_demo(cfg: ExperimentConfig, experiment: Path, run_dir: Path, resuming: b
         f"{describe(scores, probe.names, demo.probe.headline)}\n"
         f"gain from pretraining: {trained_score.mean - initial_score.mean:+.3f} mean R² over {headline}\n"
     )
-    linear_probe(run_dir, resolve_experiment(demo.linprobe), out)
+    linear_probe(run_dir, find_experiment(demo.linprobe), out)
     return 0
-
-
-def resolve_experiment(name: str) -> Path:
-    path = Path(name)
-    return path if path.is_absolute() or path.is_file() else EXPERIMENTS_DIR / path
 
 
 def linear_probe(run_dir: Path, experiment: Path, out: TextIO) -> None:
@@ -100,9 +94,7 @@ def linear_probe(run_dir: Path, experiment: Path, out: TextIO) -> None:
     source = sources.resolve_source(run_dir, "linprobe", recorded)
     cfg = load_experiment(experiment, source.overrides, method="linprobe")
     head = "BatchNorm + linear head" if cfg.method.head_batchnorm else "linear head"
-    shown = (
-        experiment.relative_to(EXPERIMENTS_DIR.parent) if EXPERIMENTS_DIR.parent in experiment.parents else experiment
-    )
+    shown = experiment_label(experiment)
     out.write(
         f"\nLinear probe of the frozen encoder ({cfg.method.pool} pooling, {head}, "
         f"{cfg.optim.name}) from {shown}, run directory {probe_dir}\n"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from launcher.config import EXPERIMENTS_DIR, build_dataclass, parse_override, read_yaml, set_dotted
+from launcher.config import build_dataclass, parse_override, read_yaml, set_dotted
 from launcher.data import DataConfig
 from launcher.errors import ConfigError
 from launcher.evaluate import EvalConfig
@@ -90,4 +90,6 @@ def experiment_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
 def default_experiment(kind: str, method: str, local: bool) -> Path:
     """The experiment a bare ``launch pretrain METHOD`` uses: the small local one on this machine."""
     stem = f"{method}_local" if local else f"{method}_vit_base"
-    return EXPERIMENTS_DIR / kind / f"{stem}.yaml"
+    from launcher.shipped import shipped_experiment
+
+    return shipped_experiment(f"{kind}/{stem}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 from launcher.data import prepare
 from launcher.experiment import ExperimentConfig
+from launcher.slurm.records import record_local_attempt
 from launcher.stopping import StopRequest, install_stop_handlers, signals_interrupt
 from launcher.trainer import FitResult, Trainer
 
@@ -30,9 +32,14 @@ def run_training(cfg: ExperimentConfig, run_dir: Path) -> tuple[Trainer, FitResu
         prepare_data(cfg)
     stop = StopRequest()
     install_stop_handlers(stop, STOP_SIGNALS)
+    started = time.time()
     trainer = Trainer(cfg, run_dir, stop)
     trainer.resume()
-    return trainer, trainer.fit()
+    result = trainer.fit()
+    if trainer.accelerator.is_main_process:  # what this attempt cost, for `launch status RUN`
+        gpus = trainer.accelerator.num_processes if trainer.accelerator.device.type == "cuda" else 0
+        record_local_attempt(run_dir, started, time.time() - started, result.step, gpus)
+    return trainer, result
 
 
 def evaluate_run(cfg: ExperimentConfig, run_dir: Path) -> dict:

@@ -12,7 +12,7 @@
 # The cluster matches slurm/clusters/local-test.yaml: one slurmctld, slurmdbd with a private
 # MariaDB (so sacct works and submitit sees cancelled jobs as finished) and LOCAL_SLURM_NODES
 # slurmd daemons, node1..nodeN, all on 127.0.0.1 with their own ports. Partitions: `debug`
-# (default) and `high`; a job in `high` preempts `debug` jobs, which get their --signal
+# (default) and `high` (other names with LOCAL_SLURM_PARTITIONS); a job in `high` preempts `debug` jobs, which get their --signal
 # (submitit's USR2) and are requeued.
 #
 # Each slurmd runs in its own UTS namespace, so `hostname` in a job prints its node's name;
@@ -23,6 +23,9 @@
 #
 # Settings (environment):
 #   LOCAL_SLURM_NODES=4                       compute nodes
+#   LOCAL_SLURM_NODE_PREFIX=node              their names: node1..nodeN
+#   LOCAL_SLURM_PARTITIONS=debug,high         the default partition, then one whose jobs preempt it
+#   LOCAL_SLURM_CLUSTER=${LOCAL_SLURM_CLUSTER:-localtest}             the cluster's name (ClusterName)
 #   LOCAL_SLURM_CPUS=4                        CPUs each node advertises
 #   LOCAL_SLURM_MEM_MB=4096                   RealMemory each node advertises
 #   LOCAL_SLURM_STATE=/var/tmp/launch-local-slurm   state, logs, pids, MariaDB data
@@ -40,6 +43,10 @@
 set -euo pipefail
 
 NODES=${LOCAL_SLURM_NODES:-4}
+NODE_PREFIX=${LOCAL_SLURM_NODE_PREFIX:-node}
+PARTITIONS=${LOCAL_SLURM_PARTITIONS:-debug,high}
+PARTITION=${PARTITIONS%%,*}
+HIGH_PARTITION=${PARTITIONS#*,}
 CPUS=${LOCAL_SLURM_CPUS:-4}
 MEM_MB=${LOCAL_SLURM_MEM_MB:-4096}
 STATE=${LOCAL_SLURM_STATE:-/var/tmp/launch-local-slurm}
@@ -47,7 +54,7 @@ PORT_BASE=${LOCAL_SLURM_PORT_BASE:-24800}
 GRACE_S=${LOCAL_SLURM_GRACE_S:-20}
 WAIT_S=${LOCAL_SLURM_WAIT_S:-60}
 
-CLUSTER=localtest
+CLUSTER=${LOCAL_SLURM_CLUSTER:-localtest}
 CTLD_PORT=$((PORT_BASE + 1))
 DBD_PORT=$((PORT_BASE + 2))
 DB_PORT=$((PORT_BASE + 3))
@@ -245,9 +252,9 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
-NodeName=node[1-$NODES] NodeHostname=$node_hostnames NodeAddr=127.0.0.1 Port=[$((PORT_BASE + 11))-$((PORT_BASE + 10 + NODES))] CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES PriorityTier=1 GraceTime=$GRACE_S MaxTime=INFINITE State=UP
-PartitionName=high Nodes=ALL PriorityTier=10 MaxTime=INFINITE State=UP
+NodeName=$NODE_PREFIX[1-$NODES] NodeHostname=$node_hostnames NodeAddr=127.0.0.1 Port=[$((PORT_BASE + 11))-$((PORT_BASE + 10 + NODES))] CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+PartitionName=$PARTITION Nodes=ALL Default=YES PriorityTier=1 GraceTime=$GRACE_S MaxTime=INFINITE State=UP
+PartitionName=$HIGH_PARTITION Nodes=ALL PriorityTier=10 MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -289,7 +296,7 @@ remove_hosts_lines() {
 write_hosts_lines() {
   local k
   remove_hosts_lines
-  for ((k = 1; k <= NODES; k++)); do echo "127.0.0.1 node$k $HOSTS_TAG"; done >>/etc/hosts
+  for ((k = 1; k <= NODES; k++)); do echo "127.0.0.1 $NODE_PREFIX$k $HOSTS_TAG"; done >>/etc/hosts
 }
 
 # ---------------------------------------------------------------- daemons
@@ -358,7 +365,7 @@ ctld_up() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
 start_slurmds() {
   local uts=$1 k node
   for ((k = 1; k <= NODES; k++)); do
-    node=node$k
+    node=$NODE_PREFIX$k
     pid_of "slurmd-$node" >/dev/null && continue
     mkdir -p "$STATE/spool/$node"
     log "starting slurmd $node on 127.0.0.1:$((PORT_BASE + 10 + k))"
@@ -370,7 +377,7 @@ start_slurmds() {
     fi
   done
   for ((k = 1; k <= NODES; k++)); do
-    node=node$k
+    node=$NODE_PREFIX$k
     wait_ready "slurmd-$node" pid_of "slurmd-$node"   # until exec reached slurmd
     readlink "/proc/$(pid_of "slurmd-$node")/ns/uts" >"$RUN/slurmd-$node.uts"
   done
@@ -395,7 +402,7 @@ wait_nodes() {
     # A node left DOWN by an earlier run comes back on registration (ReturnToService=2);
     # resume it by hand now and then in case it does not.
     tries=$((tries + 1))
-    if [ $((tries % 25)) = 0 ]; then timeout 10 scontrol update nodename="node[1-$NODES]" state=resume >/dev/null 2>&1 || true; fi
+    if [ $((tries % 25)) = 0 ]; then timeout 10 scontrol update nodename="$NODE_PREFIX[1-$NODES]" state=resume >/dev/null 2>&1 || true; fi
     sleep 0.2
   done
 }
@@ -418,7 +425,7 @@ cmd_up() {
     log "kept the existing $CONF as $BACKUP"
   fi
   if [ "$uts" = yes ]; then
-    slurm_conf "node[1-$NODES]" | write_if_changed "$CONF" 644 && changed=1
+    slurm_conf "$NODE_PREFIX[1-$NODES]" | write_if_changed "$CONF" 644 && changed=1
   else
     slurm_conf "$(hostname)" | write_if_changed "$CONF" 644 && changed=1
   fi
@@ -434,7 +441,7 @@ cmd_up() {
   start_slurmctld
   start_slurmds "$uts"
   wait_nodes
-  log "up in $((SECONDS - t0)) s: $NODES nodes x $CPUS CPUs, partitions debug (default) and high; state in $STATE"
+  log "up in $((SECONDS - t0)) s: $NODES nodes x $CPUS CPUs, partitions $PARTITION (default) and $HIGH_PARTITION; state in $STATE"
 }
 
 cmd_down() {
@@ -467,7 +474,7 @@ cmd_down() {
 
 cmd_status() {
   local name k names=(munged mariadbd slurmdbd slurmctld)
-  for ((k = 1; k <= NODES; k++)); do names+=("slurmd-node$k"); done
+  for ((k = 1; k <= NODES; k++)); do names+=("slurmd-$NODE_PREFIX$k"); done
   for name in "${names[@]}"; do
     if pid_of "$name" >/dev/null; then
       printf '%-14s running (pid %s)\n' "$name" "$(pid_of "$name")"
@@ -494,7 +501,7 @@ cmd_smoke() {
     die "srun -N$NODES failed"
   echo "$out"
   [ "$(wc -l <<<"$out")" = "$NODES" ] || die "expected $NODES lines from srun"
-  if [ "$(cat "$RUN/slurmd-node1.uts")" != "$(readlink /proc/self/ns/uts)" ]; then
+  if [ "$(cat "$RUN/slurmd-${NODE_PREFIX}1.uts")" != "$(readlink /proc/self/ns/uts)" ]; then
     [ "$(cut -d' ' -f2 <<<"$out" | sort -u | wc -l)" = "$NODES" ] || die "expected $NODES different hostnames"
   fi
   srun_job=$(head -n 1 <<<"$out" | cut -d' ' -f1)

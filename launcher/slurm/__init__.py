@@ -1,6 +1,7 @@
 """SLURM dispatch through submitit; the only package that imports submitit.
 
-- ``profiles``: cluster profiles (``slurm/clusters/NAME.yaml``) and the resources one job asks for;
+- ``profiles``: cluster profiles (``$LAUNCH_CLUSTERS``, ``~/.config/launch/clusters/``, the
+  shipped ones) and the resources one job asks for;
 - ``submit``: ONE plan from a command's request to a dry-run text or a submitted job, for
   training runs, sweeps and resumes alike;
 - ``jobs``: the job bodies submitit runs on the nodes (``TrainingJob``, ``RaySweepJob``): cheap

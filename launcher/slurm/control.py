@@ -5,6 +5,7 @@ Nothing here imports torch or submitit: ``launch status|logs|cancel`` answer in 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 from launcher.errors import RunDirError, UserError
 from launcher.runs import read_metrics
 from launcher.slurm.profiles import SlurmError, load_profile, profile_names
-from launcher.slurm.records import LAUNCH_JSON, now, read_launch, write_launch
+from launcher.slurm.records import LAUNCH_JSON, LOCAL_JSON, now, read_launch, update_launch
 
 ACTIVE_STATES = (
     "PENDING",
@@ -51,14 +52,57 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
+def job_costs(job_ids: list[str]) -> dict[str, float]:
+    """Wall time, node-hours, CPU-hours and GPU-hours of every attempt of the jobs (``sacct -D``).
+
+    Each attempt (a requeue keeps the job id) is one row of the allocation: its elapsed seconds
+    times the nodes, CPUs and GPUs it held (``AllocTRES``). A running attempt counts its time so far.
+    """
+    totals = {"wall_seconds": 0.0, "node_hours": 0.0, "cpu_hours": 0.0, "gpu_hours": 0.0, "attempts": 0}
+    if not job_ids or shutil.which("sacct") is None:
+        return totals
+    out = subprocess.run(
+        ["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,ElapsedRaw,AllocTRES,NNodes", "-j", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    for line in out.stdout.splitlines():
+        fields = line.split("|")
+        if len(fields) < 4 or not fields[1].isdigit():
+            continue
+        seconds = float(fields[1])
+        tres = dict(item.split("=", 1) for item in fields[2].split(",") if "=" in item)
+        nodes = float(tres.get("node", fields[3] or 0) or 0)
+        totals["wall_seconds"] += seconds
+        totals["node_hours"] += seconds * nodes / 3600
+        totals["cpu_hours"] += seconds * float(tres.get("cpu", 0) or 0) / 3600
+        totals["gpu_hours"] += seconds * float(tres.get("gres/gpu", 0) or 0) / 3600
+        totals["attempts"] += 1
+    return totals
+
+
 def run_status(run_dir: Path) -> dict[str, Any]:
-    """The state of a SLURM run: last job's state, step and loss reached, restarts, last error."""
+    """The state of a run: a SLURM run's last job, step and loss reached, restarts, last error, cost.
+
+    A SLURM run's cost (every attempt, from sacct) is also kept in its launch.json; a local run
+    (``RUN/local.json``) has its wall time. A fine-tuning or probe run adds its source's cost.
+    """
+    if not (Path(run_dir) / LAUNCH_JSON).is_file() and (Path(run_dir) / LOCAL_JSON).is_file():
+        return local_status(run_dir)
     record = read_launch(run_dir)
     jobs = [j["job_id"] for j in record.get("jobs", [])]
     states = sacct_states(jobs)
     metrics = read_metrics(run_dir)
     last = metrics[-1] if metrics else {}
     attempts = record.get("attempts", [])
+    cost = job_costs(jobs)
+    if cost["attempts"]:
+        record["cost"] = cost
+        try:
+            update_launch(run_dir, cost=cost)
+        except OSError:
+            pass  # a read-only view of the run: the cost is shown all the same
     return {
         "run_dir": str(run_dir),
         "cluster": record.get("cluster"),
@@ -69,7 +113,55 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "loss": last.get("loss"),
         "restarts": sum(1 for a in attempts if a.get("outcome") == "requeued"),
         "last_error": record.get("last_error"),
+        "cost": record.get("cost", cost),
+        "source_cost": source_cost(run_dir),
     }
+
+
+def local_status(run_dir: Path) -> dict[str, Any]:
+    """A run of this machine: its attempts' wall time (RUN/local.json) and how far it got."""
+    metrics = read_metrics(run_dir)
+    last = metrics[-1] if metrics else {}
+    attempts = json.loads((Path(run_dir) / LOCAL_JSON).read_text()).get("attempts", [])
+    seconds = sum(a.get("seconds", 0.0) for a in attempts)
+    gpu_hours = sum(a.get("seconds", 0.0) * a.get("gpus", 0) for a in attempts) / 3600
+    return {
+        "run_dir": str(run_dir),
+        "cluster": "this machine",
+        "job_id": None,
+        "state": "LOCAL",
+        "jobs": {},
+        "step": last.get("step"),
+        "loss": last.get("loss"),
+        "restarts": max(0, len(attempts) - 1),
+        "last_error": None,
+        "cost": {
+            "wall_seconds": seconds,
+            "node_hours": seconds / 3600,
+            "cpu_hours": 0.0,
+            "gpu_hours": gpu_hours,
+            "attempts": len(attempts),
+        },
+        "source_cost": source_cost(run_dir),
+    }
+
+
+def source_cost(run_dir: Path) -> dict[str, Any] | None:
+    """The cost of the run a fine-tuning or probe run started from (its ``method.pretrained``), if known."""
+    from launcher.config import read_yaml
+    from launcher.runs import CONFIG
+
+    config = Path(run_dir) / CONFIG
+    if not config.is_file():
+        return None
+    pretrained = (read_yaml(config).get("method") or {}).get("pretrained")
+    if not pretrained:
+        return None
+    source = Path(pretrained)
+    source = source.parents[1] if source.parent.name == "checkpoints" else source
+    if not ((source / LAUNCH_JSON).is_file() or (source / LOCAL_JSON).is_file()):
+        return None
+    return {"run_dir": str(source), **run_status(source)["cost"]}
 
 
 def find_runs() -> list[Path]:
@@ -94,8 +186,7 @@ def cancel(run_dir: Path) -> list[str]:
         if shutil.which("scancel") is None:
             raise SlurmError("no `scancel` on PATH: run this on the cluster's login node")
         subprocess.run(["scancel", *active], check=True, timeout=60)
-        record["cancelled"] = now()
-        write_launch(run_dir, record)
+        update_launch(run_dir, cancelled=now())
     return active
 
 
@@ -108,6 +199,11 @@ def check_not_active(run_dir: Path) -> None:
         raise SlurmError(f"run {run_dir} still has active job(s) {active}; `launch cancel {run_dir}` first")
 
 
+def log_paths(run_dir: Path, rank: int) -> list[Path]:
+    """Where task ``rank`` of the run's newest job logged: submitit's log, then the trainer's own."""
+    return [log_path(run_dir, rank), Path(run_dir) / "logs" / f"rank_{rank}.log"]
+
+
 def log_path(run_dir: Path, rank: int) -> Path:
     """The submitit log of task ``rank`` of the run's newest job."""
     record = read_launch(run_dir)
@@ -117,18 +213,19 @@ def log_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / job["folder"] / f"{job['job_id']}_{rank}_log.out"
 
 
-def follow(path: Path, run_dir: Path, out: Any = sys.stdout, poll_s: float = 1.0) -> None:
-    """Print ``path`` and what is appended to it until the run's job is no longer active."""
-    position = 0
+def follow(paths: list[Path], run_dir: Path, out: Any = sys.stdout, poll_s: float = 1.0) -> None:
+    """Print ``paths`` and what is appended to them until the run's job is no longer active."""
+    positions = dict.fromkeys(paths, 0)
     while True:
-        if path.exists():
-            with open(path) as f:
-                f.seek(position)
-                chunk = f.read()
-                position = f.tell()
-            if chunk:
-                out.write(chunk)
-                out.flush()
+        for path in paths:
+            if path.exists():
+                with open(path) as f:
+                    f.seek(positions[path])
+                    chunk = f.read()
+                    positions[path] = f.tell()
+                if chunk:
+                    out.write(chunk)
+                    out.flush()
         status = run_status(run_dir)
         if status["state"] not in ACTIVE_STATES and status["state"] != "UNKNOWN":
             return

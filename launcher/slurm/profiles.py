@@ -1,8 +1,13 @@
-"""Cluster profiles (``slurm/clusters/NAME.yaml``) and the resources one job asks for.
+"""Cluster profiles and the resources one job asks for.
 
 A profile says where and how jobs of one cluster run: partition, account, resources per
 node, time limit, signal delay, setup lines, and a runs directory every node shares. The
 command line's ``--nodes``, ``--gpus-per-node``, ``--partition`` and ``--time`` override it.
+
+``--cluster NAME`` is looked up in ``$LAUNCH_CLUSTERS`` (a directory), then
+``~/.config/launch/clusters/``, then the profiles this project ships (``slurm/clusters/``);
+``--cluster PATH.yaml`` is that file. ``launch cluster init NAME`` writes one into the first
+of the user directories from what SLURM itself reports (``discover.py``).
 """
 
 from __future__ import annotations
@@ -13,10 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from launcher.config import REPO_ROOT, build_dataclass, load_yaml, yaml_problem
+from launcher.config import build_dataclass, load_yaml, yaml_problem
 from launcher.errors import ConfigError, RunDirError, UserError
 
-CLUSTERS_DIR = REPO_ROOT / "slurm" / "clusters"
 # Scratch folders that are local to each machine: submitit jobs fail silently there.
 LOCAL_ONLY_DIRS = (Path("/tmp"), Path("/dev/shm"))
 
@@ -30,7 +34,7 @@ class SlurmError(UserError):
 
 @dataclass
 class ClusterProfile:
-    """One ``slurm/clusters/NAME.yaml``: where and how jobs of this cluster run."""
+    """One cluster profile (``NAME.yaml``): where and how jobs of this cluster run."""
 
     partition: str
     runs_dir: str  # on a filesystem every node shares
@@ -68,26 +72,67 @@ def check_shared(path: Path, what: str) -> None:
             )
 
 
-def profile_names() -> list[str]:
-    return sorted(p.stem for p in CLUSTERS_DIR.glob("*.yaml"))
+def user_profile_dir() -> Path:
+    """Where profiles of one's own go: ``$LAUNCH_CLUSTERS``, else ``~/.config/launch/clusters``."""
+    return Path(os.environ.get("LAUNCH_CLUSTERS") or Path.home() / ".config" / "launch" / "clusters")
+
+
+def profile_dirs() -> list[Path]:
+    """Where ``--cluster NAME`` is looked up, in order: the user's directories, then the shipped profiles."""
+    from launcher.shipped import clusters_dir
+
+    dirs = [Path(os.environ["LAUNCH_CLUSTERS"])] if os.environ.get("LAUNCH_CLUSTERS") else []
+    return [*dirs, Path.home() / ".config" / "launch" / "clusters", clusters_dir()]
+
+
+def profile_names(user_only: bool = False) -> list[str]:
+    """Every profile name found (the first directory that has a name wins), sorted."""
+    dirs = profile_dirs()[:-1] if user_only else profile_dirs()
+    return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def find_profile(name: str) -> Path:
+    """The file of profile ``name``, or ``name`` itself when it is a path to a YAML file."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"cluster profile file {path} does not exist")
+        return path
+    for directory in profile_dirs():
+        if (directory / f"{name}.yaml").is_file():
+            return directory / f"{name}.yaml"
+    looked = ", ".join(str(d) for d in profile_dirs())
+    raise ConfigError(
+        f"unknown cluster profile {name!r}; looked in {looked} (in that order); known profiles: "
+        f"{', '.join(profile_names()) or 'none'}. Write one with `launch cluster init {name}` on the cluster's "
+        f"login node, or pass --cluster PATH.yaml"
+    )
 
 
 def load_profile(name: str) -> ClusterProfile:
-    """Load ``slurm/clusters/NAME.yaml``; unknown names and keys are ConfigErrors."""
-    path = CLUSTERS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(
-            f"unknown cluster profile {name!r}; known profiles: "
-            f"{', '.join(profile_names()) or 'none'} (files in {CLUSTERS_DIR})"
-        )
+    """Load profile ``name`` (or a path); an unknown name, malformed YAML or a bad key is a ConfigError."""
+    return parse_profile(find_profile(name))
+
+
+def parse_profile(path: Path) -> ClusterProfile:
     try:
         raw = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"cluster profile {path} is not valid YAML: {yaml_problem(e)}") from None
+    if raw is None:
+        raise ConfigError(
+            f"cluster profile {path} is empty: it needs at least partition, runs_dir, max_nodes and time_min "
+            f"(`launch cluster init NAME` on the cluster's login node writes one)"
+        )
     try:
-        return build_dataclass(ClusterProfile, raw, f"cluster profile {name}")
-    except RunDirError as e:
+        return build_dataclass(ClusterProfile, raw, "")
+    except (ConfigError, RunDirError) as e:
         raise ConfigError(f"cluster profile {path}: {e}") from None
+
+
+def profile_name(name: str) -> str:
+    """How a profile is named in records and messages: its name, or a file's stem."""
+    return Path(name).stem if name.endswith((".yaml", ".yml")) or "/" in name else name
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any
 from launcher.errors import RunDirError
 
 LAUNCH_JSON = "launch.json"
+LOCAL_JSON = "local.json"  # a run of this machine: the wall time of each attempt
 
 
 def read_launch(run_dir: Path) -> dict[str, Any]:
@@ -32,6 +33,15 @@ def write_launch(run_dir: Path, record: dict[str, Any]) -> None:
     tmp = Path(run_dir) / f".{LAUNCH_JSON}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, Path(run_dir) / LAUNCH_JSON)
+
+
+def update_launch(run_dir: Path, **fields: Any) -> None:
+    """Set top-level ``fields`` of RUN/launch.json under its lock, so that a job's ranks recording
+    their attempts at the same moment lose nothing (``launch status`` and ``cancel`` write here)."""
+    with updating(run_dir):
+        record = read_launch(run_dir)
+        record.update(fields)
+        write_launch(run_dir, record)
 
 
 def now() -> str:
@@ -59,6 +69,7 @@ def record_attempt(
     step: int | None = None,
     error: str | None = None,
     rank: int = 0,
+    failed_at: float | None = None,
 ) -> None:
     """Add or update the entry of (job, attempt) in RUN/launch.json.
 
@@ -68,7 +79,7 @@ def record_attempt(
     each records its error with the time it failed, and the attempt's error is the first one:
     the others are mostly its consequence (a peer's connection closing).
     """
-    failed_at = time.time()
+    failed_at = time.time() if failed_at is None else failed_at
     with updating(run_dir):
         _record_attempt(run_dir, job_id, attempt, outcome, step, error, rank, failed_at)
 
@@ -110,3 +121,22 @@ def _record_attempt(
         errors.sort(key=lambda e: e["time"])
         entry["error"] = record["last_error"] = errors[0]["error"]
     write_launch(run_dir, record)
+
+
+def record_local_attempt(run_dir: Path, started: float, seconds: float, step: int, gpus: int = 0) -> None:
+    """Add one attempt of a run on this machine to RUN/local.json: its wall time, for `launch status`."""
+    import socket
+
+    path = Path(run_dir) / LOCAL_JSON
+    record = json.loads(path.read_text()) if path.is_file() else {"attempts": []}
+    record["attempts"].append(
+        {
+            "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 1),
+            "step": step,
+            "host": socket.gethostname(),
+        }
+    )
+    tmp = path.with_name(f".{LOCAL_JSON}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from launcher.config import EXPERIMENTS_DIR, build_dataclass, read_yaml, to_dict
+from launcher.config import build_dataclass, read_yaml, to_dict
 from launcher.data import DataConfig, open_dataset, prepare
 from launcher.errors import ConfigError
 from launcher.experiment import ExperimentConfig
@@ -33,7 +33,6 @@ from methods.autoencoders import PROCEDURES
 
 log = logging.getLogger(__name__)
 
-TUNE_DIR = EXPERIMENTS_DIR / "tune"
 SWEEP_FILE = "sweep.yaml"
 
 
@@ -220,7 +219,9 @@ def ridge_probe_scores(
     """
     from launcher.probe import choose_penalties, episode_folds, held_out_probe, predict_with, target_names
 
-    folds = episode_folds(groups, 5)
+    # Five folds where there are five episodes; a small predictor set (a few long episodes) gets
+    # one fold per episode rather than an error.
+    folds = episode_folds(groups, max(2, min(5, len(np.unique(groups)))))
     if spec.task == "regression":
         y, test_y = labels.reshape(len(x), -1), test_labels.reshape(len(test_x), -1)
         r2 = held_out_probe(x, y, folds, test_x, test_y)

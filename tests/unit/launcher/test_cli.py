@@ -29,7 +29,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["pretrain", "mae", "optim.lr_typo=3"], "unknown key(s) optim.lr_typo"),
         (["pretrain", "mae", "train.num_epochs=many"], "train.num_epochs must be a int"),
         (["pretrain", "mae", "noequals"], "section.key=value"),
-        (["pretrain", "mae", "--experiment", "missing.yaml"], "does not exist"),
+        (["pretrain", "mae", "--experiment", "missing.yaml"], "is neither a file (relative to"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path: Path, args, message: str) -> None:

@@ -6,7 +6,10 @@ import pytest
 
 from launcher.config import parse_override
 from launcher.errors import ConfigError
-from launcher.experiment import EXPERIMENTS_DIR, experiment_from_dict, load_experiment
+from launcher.experiment import experiment_from_dict, load_experiment
+from launcher.shipped import experiments_dir
+
+EXPERIMENTS_DIR = experiments_dir()
 
 
 def test_overrides_apply_with_types() -> None:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import EXPERIMENTS_DIR
 from launcher.errors import ConfigError
 from launcher.experiment import ExperimentConfig, experiment_from_dict, load_experiment
+from launcher.shipped import experiments_dir
+
+EXPERIMENTS_DIR = experiments_dir()
 
 # Every experiment a trainer runs; the files of sweeps (tune/), studies (study/) and the demo (demo/)
 # are tested below and in tests/unit/launcher/studies/.
@@ -97,11 +99,12 @@ def test_method_argument_must_match_the_file() -> None:
 
 
 def test_the_demo_and_study_files_load() -> None:
-    from launcher.demo import load_demo, resolve_experiment
+    from launcher.demo import load_demo
+    from launcher.shipped import find_experiment
     from launcher.studies.pcae_vs_mae import load_study
 
     demo = load_demo()
-    assert resolve_experiment(demo.linprobe).is_file() and demo.probe.data.generate_seed not in (0, 1)
+    assert find_experiment(demo.linprobe).is_file() and demo.probe.data.generate_seed not in (0, 1)
     for path in sorted((EXPERIMENTS_DIR / "study").glob("*.yaml")):
         study = load_study(path)
         assert len(study.seeds) >= 3 and study.fractions[-1] == 1.0

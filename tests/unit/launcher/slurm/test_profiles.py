@@ -1,4 +1,4 @@
-"""Cluster profiles and the flags that override them."""
+"""Cluster profiles: where ``--cluster NAME`` is looked up, bad profiles, and the flags that override them."""
 
 from __future__ import annotations
 
@@ -8,9 +8,21 @@ import pytest
 
 from launcher.errors import ConfigError
 from launcher.slurm import profiles
+from tests.helpers import launch
+
+GOOD = "partition: gpu\nruns_dir: /shared/runs\nmax_nodes: 8\ntime_min: 120\ngpus_per_node: 4\n"
 
 
-def test_every_shipped_profile_loads() -> None:
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch) -> Path:
+    """A home of its own, so that profiles of the machine's user play no part."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LAUNCH_CLUSTERS", raising=False)
+    monkeypatch.delenv("LAUNCH_CLUSTER", raising=False)
+    return tmp_path / "home"
+
+
+def test_every_shipped_profile_loads(home: Path) -> None:
     assert "local-test" in profiles.profile_names()
     for name in profiles.profile_names():
         profiles.load_profile(name)
@@ -18,29 +30,56 @@ def test_every_shipped_profile_loads() -> None:
     assert (profile.partition, profile.max_nodes, profile.runs_dir) == ("debug", 4, "/var/tmp/launch-runs")
 
 
-def test_unknown_profile_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="unknown cluster profile 'nope'; known profiles: .*local-test"):
+def test_profiles_are_found_in_launch_clusters_then_home_then_shipped(home: Path, tmp_path: Path, monkeypatch) -> None:
+    mine = home / ".config" / "launch" / "clusters"
+    mine.mkdir(parents=True)
+    (mine / "local-test.yaml").write_text(GOOD)  # the user's own profile shadows the shipped one
+    assert profiles.load_profile("local-test").partition == "gpu"
+    team = tmp_path / "team"
+    team.mkdir()
+    (team / "local-test.yaml").write_text(GOOD.replace("partition: gpu", "partition: team"))
+    monkeypatch.setenv("LAUNCH_CLUSTERS", str(team))
+    assert profiles.load_profile("local-test").partition == "team"
+    assert profiles.profile_dirs()[:2] == [team, mine]
+    (tmp_path / "elsewhere.yaml").write_text(GOOD.replace("partition: gpu", "partition: file"))
+    assert profiles.load_profile(str(tmp_path / "elsewhere.yaml")).partition == "file"
+    assert profiles.profile_name(str(tmp_path / "elsewhere.yaml")) == "elsewhere"
+
+
+def test_unknown_profile_says_where_it_looked_and_how_to_write_one(home: Path) -> None:
+    with pytest.raises(ConfigError) as error:
         profiles.load_profile("nope")
+    message = str(error.value)
+    assert f"looked in {home / '.config' / 'launch' / 'clusters'}, " in message
+    assert "known profiles: local-test" in message and "launch cluster init nope" in message
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("partition: a\nruns_dir: /shared/runs\nmax_nodes: 2\ntime_min: 5\nnodes: 3\n", "unknown key"),
+        (
+            "partition: a\nruns_dir: /shared/runs\nmax_nodes: 2\ntime_min: 5\nnodes: 3\n",
+            r"key\(s\) nodes; it allows: acc",
+        ),
         ("partition: a\nruns_dir: /shared/runs\nmax_nodes: 2\ntime_min: many\n", "time_min must be a int"),
         ("partition: a\nruns_dir: /tmp/runs\nmax_nodes: 2\ntime_min: 5\n", "local to each machine"),
         ("partition: a\nruns_dir: runs\nmax_nodes: 2\ntime_min: 5\n", "absolute path"),
         ("runs_dir: /shared/runs\nmax_nodes: 2\ntime_min: 5\n", "partition"),
+        ("partition: a\nruns_dir: [/shared\n", "is not valid YAML: .*line 3"),
+        ("", "is empty"),
     ],
 )
-def test_bad_profiles_are_rejected(tmp_path: Path, monkeypatch, text: str, message: str) -> None:
-    monkeypatch.setattr(profiles, "CLUSTERS_DIR", tmp_path)
+def test_bad_profiles_are_rejected_naming_the_file_and_the_key(
+    home: Path, tmp_path: Path, monkeypatch, text: str, message: str
+) -> None:
+    monkeypatch.setenv("LAUNCH_CLUSTERS", str(tmp_path))
     (tmp_path / "bad.yaml").write_text(text)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as error:
         profiles.load_profile("bad")
+    assert str(tmp_path / "bad.yaml") in str(error.value)
 
 
-def test_flags_override_the_profile() -> None:
+def test_flags_override_the_profile(home: Path) -> None:
     profile = profiles.load_profile("local-test")
     res = profiles.resolve_resources(
         "local-test", profile, nodes=3, gpus_per_node=2, partition="high", time_min=profiles.parse_time("1:30:00")
@@ -50,3 +89,55 @@ def test_flags_override_the_profile() -> None:
     with pytest.raises(ConfigError, match="max_nodes: 4"):
         profiles.resolve_resources("local-test", profile, nodes=5)
     assert profiles.parse_time("2-00:00:00") == 2880 and profiles.parse_time("45") == 45
+
+
+# ------------------------------------------------- --nodes without --cluster: which cluster?
+
+
+def dry_run(flags: str, capsys) -> tuple[int, str, str]:
+    code = launch(f"pretrain pcae {flags} --dry-run data.root=/ --run-dir /var/tmp/launch-never/x")
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_nodes_alone_uses_the_one_profile_of_ones_own(home: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")  # no SLURM here: the profile alone decides
+    monkeypatch.setenv("LAUNCH_CLUSTERS", str(tmp_path))
+    (tmp_path / "mine.yaml").write_text(GOOD)
+    code, out, err = dry_run("--nodes 2", capsys)
+    assert code == 0, err
+    assert "#SBATCH --partition=gpu" in out and "#SBATCH --nodes=2" in out
+    (tmp_path / "other.yaml").write_text(GOOD)
+    code, out, err = dry_run("--nodes 2", capsys)
+    assert code == 2 and "several cluster profiles (mine, other): pass --cluster NAME" in err
+    monkeypatch.setenv("LAUNCH_CLUSTER", "other")
+    assert dry_run("--nodes 2", capsys)[0] == 0
+
+
+def test_nodes_alone_without_profile_or_slurm_names_the_ways_out(home: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    code, out, err = dry_run("--nodes 2", capsys)
+    assert code == 2 and out == ""
+    assert "no cluster profile and no SLURM answers on this machine" in err and "--local" in err
+
+
+def test_cluster_show_prints_profiles_and_refuses_a_malformed_one(
+    home: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("LAUNCH_CLUSTERS", str(tmp_path))
+    (tmp_path / "mine.yaml").write_text(GOOD)
+    assert launch("cluster show mine") == 0
+    out = capsys.readouterr().out
+    assert f"# mine: {tmp_path / 'mine.yaml'}" in out and "partition: gpu" in out
+    assert "no SLURM answers on this machine" in out
+    (tmp_path / "broken.yaml").write_text(GOOD + "gpus: 4\n")
+    assert launch("cluster show broken") == 2
+    assert "unknown key(s) gpus; it allows" in capsys.readouterr().err
+
+
+def test_cluster_init_without_slurm_exits_2_and_writes_nothing(home: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert launch("cluster init mine") == 2
+    assert "no `scontrol` on PATH: this machine does not see a SLURM cluster" in capsys.readouterr().err
+    assert not (home / ".config" / "launch" / "clusters").exists()

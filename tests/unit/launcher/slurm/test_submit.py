@@ -25,8 +25,8 @@ def test_the_sbatch_script_matches_the_golden_file(monkeypatch) -> None:
 @pytest.mark.parametrize(
     "flags, message",
     [
-        ("--nodes 2", "--nodes need a cluster profile: pass --cluster NAME (known profiles: local-test"),
-        ("--cluster nope", "unknown cluster profile 'nope'; known profiles: local-test"),
+        ("--cluster nope", "unknown cluster profile 'nope'; looked in "),
+        ("--cluster nope.yaml", "cluster profile file nope.yaml does not exist"),
         ("--cluster local-test --nodes 9", "max_nodes: 4"),
         ("--cluster local-test --local", "--local runs on this machine"),
         (
