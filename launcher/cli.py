@@ -25,13 +25,16 @@ from launcher.runs import setup_logging
 log = logging.getLogger(__name__)
 
 
+CLUSTER_HELP = "cluster profile NAME or PATH.yaml (`launch cluster show` lists them); submits one SLURM job"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder (pcae, mae, ...)")
     pretrain.add_argument("method", help="registered method name, e.g. pcae or mae")
-    add_run_arguments(pretrain, "experiments/pretrain/METHOD_local.yaml")
+    add_run_arguments(pretrain, "pretrain/METHOD_local; with --cluster pretrain/METHOD_vit_base")
 
     for name, what in (
         ("finetune", "fine-tune a pretrained encoder (MAE's recipe; PCAE's token reduction)"),
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="evaluate only: a fine-tuning/probe run as SOURCE at its newest checkpoint, "
             "or the model as loaded from SOURCE",
         )
-        add_run_arguments(downstream, f"experiments/{name}/local.yaml (with --cluster: vit_base.yaml)")
+        add_run_arguments(downstream, f"{name}/local; with --cluster {name}/vit_base")
 
     status = commands.add_parser("status", help="state of a SLURM run (or of every run) from sacct")
     status.add_argument("run", nargs="?", type=Path, help="run directory (default: all runs of all profiles)")
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("tune", help="run a Ray Tune sweep (local Ray by default)")
     sweep.add_argument("study", choices=["ae-losses"], help="the study to sweep")
-    sweep.add_argument("--experiment", type=Path, help="sweep file (default: experiments/tune/ae_losses.yaml)")
+    sweep.add_argument("--experiment", help="sweep file or shipped name (default: tune/ae_losses)")
     sweep.add_argument("--dataset", help="run only this data set of the sweep, e.g. lunarlander")
     sweep.add_argument(
         "--storage", type=Path, help="where sweeps live (default runs/tune; on SLURM the profile's runs_dir)"
@@ -102,25 +105,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the sweep's directory and trials (and sbatch script); run nothing"
     )
     sweep_slurm = sweep.add_argument_group("SLURM (one job of N nodes runs a Ray cluster and the sweep)")
-    sweep_slurm.add_argument("--cluster", help="cluster profile slurm/clusters/NAME.yaml; submits one SLURM job")
+    sweep_slurm.add_argument("--cluster", help=CLUSTER_HELP)
     sweep_slurm.add_argument("--nodes", type=int, help="nodes of the job, one Ray node each (default 1)")
     sweep_slurm.add_argument("--partition", help="SLURM partition")
     sweep_slurm.add_argument("--time", help="time limit: minutes, H:MM:SS or D-HH:MM:SS")
 
     study = commands.add_parser("study", help="PCAE against MAE at equal wall time: probe quality vs cost")
     study.add_argument("study", choices=["pcae-vs-mae"], help="the study to run")
-    study.add_argument("--experiment", type=Path, help="study file (default: experiments/study/pcae_vs_mae_local.yaml)")
+    study.add_argument("--experiment", help="study file or shipped name (default: study/pcae_vs_mae_local)")
     study.add_argument("--budget", help="wall time of each pretraining run, e.g. 90s, 5m (default: the file's)")
     study.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
     study.add_argument("--study-dir", type=Path, help="where the study lives (default runs/study/NAME)")
     study.add_argument("--report", action="store_true", help="only write the report of the points so far")
     study.add_argument("--dry-run", action="store_true", help="print the study, its directory (and sbatch script)")
     study_slurm = study.add_argument_group("SLURM (one job of N nodes runs the study, each run on all of them)")
-    study_slurm.add_argument("--cluster", help="cluster profile slurm/clusters/NAME.yaml; submits one SLURM job")
+    study_slurm.add_argument("--cluster", help=CLUSTER_HELP)
     study_slurm.add_argument("--nodes", type=int, help="nodes of the job (default 1)")
     study_slurm.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each")
     study_slurm.add_argument("--partition", help="SLURM partition")
     study_slurm.add_argument("--time", help="time limit: minutes, H:MM:SS or D-HH:MM:SS")
+
+    commands.add_parser("experiments", help="list the shipped experiment files (address them by name)")
+    export = commands.add_parser("export", help="write a run's encoder in timm's layout (safetensors + JSON)")
+    export.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT", help="a run directory or checkpoints/step_N")
+    export.add_argument("--out", type=Path, required=True, help="FILE.safetensors (FILE.json describes it)")
+    export.add_argument(
+        "--encoder",
+        choices=["student", "teacher"],
+        default="student",
+        help="PCAE: the student (default) or its EMA teacher",
+    )
+    cluster = commands.add_parser("cluster", help="describe the SLURM cluster this machine sees, as a profile")
+    cluster_kinds = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = cluster_kinds.add_parser("init", help="write a profile from what SLURM reports (on a login node)")
+    init.add_argument("name", help="the profile's name (--cluster NAME); a file NAME.yaml in your profile directory")
+    init.add_argument("--runs-dir", help="where runs go, on a filesystem every node sees (default ~/launch-runs)")
+    init.add_argument("--partition", help="the partition jobs go to (default: the cluster's default partition)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing profile of that name")
+    show = cluster_kinds.add_parser("show", help="print a profile and what the cluster says now")
+    show.add_argument("name", nargs="?", help="profile name or path (default: every profile found)")
 
     report = commands.add_parser("report", help="Markdown table and PNG plots of a sweep")
     report.add_argument("sweep", type=Path, help="sweep directory, e.g. runs/tune/ae-losses")
@@ -131,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_pretrain.add_argument("--sizes", default="small,base", help="comma-separated ViT sizes")
     bench_pretrain.add_argument("--batch-size", type=int, default=None, help="images per step (default per size)")
     bench_pretrain.add_argument("--steps", type=int, default=3, help="timed steps per method and size")
-    bench_pretrain.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    bench_pretrain.add_argument("--warmup", type=int, default=1, help="untimed steps first (compiled: at least 2)")
+    bench_pretrain.add_argument(
+        "--modes", default="eager", help="eager and/or compiled (torch.compile), comma-separated (default eager)"
+    )
     bench_finetune = bench_kinds.add_parser(
         "finetune",
         help="inference with PCAE's token reduction at several drop ratios: img/s, FLOPs, speed-up vs FLOP cut",
@@ -151,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="LunarLander set for the epoch timing (generated if missing)",
     )
     bench_ae.add_argument("--loss-network", default="efficientnet_lite0")
+    bench_data = bench_kinds.add_parser("data", help="the pretraining input pipeline: images/s per loader worker")
+    bench_data.add_argument("--root", default="data/imagenet-like-jpegs", help="where the generated JPEGs go")
+    bench_data.add_argument("--images", type=int, default=200, help="JPEGs decoded per round and path")
+    bench_data.add_argument("--rounds", type=int, default=3, help="timed rounds per path (alternating)")
+    bench_data.add_argument("--img-size", type=int, default=224)
+    bench_data.add_argument(
+        "--step-rate", help="comma-separated training img/s per GPU (from `launch bench pretrain`): workers needed"
+    )
     bench_slurm = bench_kinds.add_parser(
         "slurm", help="on a SLURM cluster: submit -> first step, USR2 -> first step after the resume"
     )
@@ -171,7 +205,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_experiment: str) 
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the experiment, e.g. optim.blr=1e-4"
     )
-    parser.add_argument("--experiment", type=Path, help=f"experiment YAML (default: {default_experiment})")
+    parser.add_argument(
+        "--experiment",
+        help=f"experiment YAML, or a shipped one by name (`launch experiments`; default {default_experiment})",
+    )
     parser.add_argument("--run-dir", type=Path, help="run directory; an existing run of the same config resumes")
     parser.add_argument(
         "--local", action="store_true", help="run on this machine (the default while no cluster is named)"
@@ -182,7 +219,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_experiment: str) 
         help="print the resolved config, run directory (and sbatch script), run nothing",
     )
     slurm = parser.add_argument_group("SLURM (override the cluster profile)")
-    slurm.add_argument("--cluster", help="cluster profile slurm/clusters/NAME.yaml; submits one SLURM job")
+    slurm.add_argument("--cluster", help=CLUSTER_HELP)
     slurm.add_argument("--nodes", type=int, help="nodes of the job (default 1)")
     slurm.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (0: one task per node)")
     slurm.add_argument("--partition", help="SLURM partition")
@@ -234,17 +271,46 @@ def slurm_flags_given(args: argparse.Namespace) -> list[str]:
 
 
 def check_placement(args: argparse.Namespace) -> None:
-    """--local and the SLURM flags exclude each other; the SLURM flags need --cluster."""
+    """--local and the SLURM flags exclude each other; SLURM flags without --cluster find the cluster.
+
+    ``launch pretrain pcae --nodes 4`` as typed: the profile ``$LAUNCH_CLUSTER`` names, or the one
+    user profile there is; else, where SLURM answers, the cluster described as ``launch cluster
+    init`` would describe it, for this submission only. Sets ``args.cluster`` and ``args.profile``.
+    """
     slurm_flags = slurm_flags_given(args)
+    args.profile, args.profile_note = None, ""
     if getattr(args, "local", False) and (args.cluster or slurm_flags):
         raise ConfigError(f"--local runs on this machine; drop {' '.join(slurm_flags) or '--cluster'} or --local")
     if slurm_flags and not args.cluster:
+        from launcher.slurm.discover import describe_cluster, profile_from, slurm_answers
         from launcher.slurm.profiles import profile_names
 
-        raise ConfigError(
-            f"{' '.join(slurm_flags)} need a cluster profile: pass --cluster NAME "
-            f"(known profiles: {', '.join(profile_names())})"
-        )
+        flags = " ".join(slurm_flags)
+        user = profile_names(user_only=True)
+        if os.environ.get("LAUNCH_CLUSTER"):
+            args.cluster = os.environ["LAUNCH_CLUSTER"]
+        elif len(user) == 1:
+            args.cluster = user[0]
+        elif len(user) > 1:
+            raise ConfigError(
+                f"{flags} asks for a SLURM job and there are several cluster profiles ({', '.join(user)})"
+                f": pass --cluster NAME, or set LAUNCH_CLUSTER=NAME"
+            )
+        elif slurm_answers():
+            description = describe_cluster()
+            args.profile = profile_from(description, getattr(args, "partition", None))
+            args.cluster = description.name or "slurm"
+            args.profile_note = (
+                f"# no cluster profile: the cluster was described from what SLURM reports "
+                f"(partition {args.profile.partition}, runs_dir {args.profile.runs_dir}); "
+                f"`launch cluster init NAME` keeps it as a profile\n"
+            )
+        else:
+            raise ConfigError(
+                f"{flags} asks for a SLURM job, but there is no cluster profile and no SLURM answers "
+                f"on this machine (no working sinfo). Run on the cluster's login node, pass --cluster "
+                f"NAME or PATH.yaml, or drop {flags} (or pass --local) to run here"
+            )
 
 
 def on_slurm(args: argparse.Namespace, work) -> int:
@@ -259,14 +325,16 @@ def on_slurm(args: argparse.Namespace, work) -> int:
         getattr(args, "partition", None),
         getattr(args, "time", None),
         10 if max_requeues is None else max_requeues,
+        profile=getattr(args, "profile", None),
     )
-    text = submit(work, request, dry_run=getattr(args, "dry_run", False)).text
+    text = getattr(args, "profile_note", "") + submit(work, request, dry_run=getattr(args, "dry_run", False)).text
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from launcher.experiment import default_experiment, load_experiment
+    from launcher.shipped import find_experiment
     from methods import UnknownMethodError, get_method
 
     try:
@@ -274,7 +342,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except UnknownMethodError as e:
         raise ConfigError(str(e)) from None
     check_placement(args)
-    experiment = args.experiment or default_experiment("pretrain", args.method, local=not args.cluster)
+    experiment = (
+        find_experiment(args.experiment)
+        if args.experiment
+        else default_experiment("pretrain", args.method, local=not args.cluster)
+    )
     cfg = load_experiment(experiment, args.overrides, method=args.method)
     # The embedded default: the local experiment, then the demo's probes of what it learnt.
     demo = args.experiment is None and not args.cluster
@@ -284,8 +356,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_downstream(args: argparse.Namespace) -> int:
     """``launch finetune`` / ``launch linprobe``: a pretrained encoder, then the same run machinery."""
     from launcher import sources
-    from launcher.config import EXPERIMENTS_DIR
     from launcher.experiment import experiment_from_dict, load_experiment
+    from launcher.shipped import find_experiment
 
     check_placement(args)
     source = sources.resolve_source(args.source, args.command, recorded_method(args.run_dir))
@@ -304,7 +376,7 @@ def cmd_downstream(args: argparse.Namespace) -> int:
         return print_evaluation(experiment_from_dict(source.run_config), args.source)
     if args.eval_only and args.cluster:
         raise ConfigError("--eval-only runs on this machine; drop --cluster and its flags")
-    experiment = args.experiment or EXPERIMENTS_DIR / args.command / ("vit_base.yaml" if args.cluster else "local.yaml")
+    experiment = find_experiment(args.experiment or f"{args.command}/{'vit_base' if args.cluster else 'local'}")
     flags = [
         *([f"method.pretrained_encoder={args.encoder}"] if args.encoder else []),
         *([f"method.keep_ratio={args.keep_ratio}"] if args.keep_ratio is not None else []),
@@ -443,6 +515,18 @@ def format_status(status: dict) -> str:
         f"step {status['step'] if status['step'] is not None else '-'}, loss {loss}, "
         f"restarts {status['restarts']}"
     )
+    cost = status.get("cost") or {}
+    if cost.get("attempts"):
+        line += (
+            f"\n  cost: {cost['attempts']} attempt(s), {cost['wall_seconds'] / 3600:.3f} h wall time, "
+            f"{cost['node_hours']:.3f} node-hours, {cost['gpu_hours']:.3f} GPU-hours"
+        )
+    source = status.get("source_cost")
+    if source and source.get("attempts"):
+        line += (
+            f"\n  with its source {source['run_dir']}: {cost.get('node_hours', 0) + source['node_hours']:.3f} "
+            f"node-hours, {cost.get('gpu_hours', 0) + source['gpu_hours']:.3f} GPU-hours in all"
+        )
     if status["last_error"]:
         line += f"\n  last error: {status['last_error']}"
     return line
@@ -478,20 +562,23 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     from launcher.slurm import control
 
-    path = control.log_path(args.run, args.rank)
+    paths = control.log_paths(args.run, args.rank)
     if args.follow:
         try:
-            control.follow(path, args.run)
+            control.follow(paths, args.run)
         except KeyboardInterrupt:
             pass
         return 0
-    if not path.exists():
-        raise UserError(f"no log {path} yet: the job has not started (see `launch status {args.run}`)")
-    sys.stdout.write(path.read_text())
+    if not paths[0].exists():
+        raise UserError(f"no log {paths[0]} yet: the job has not started (see `launch status {args.run}`)")
+    sys.stdout.write(paths[0].read_text())
+    if paths[1].exists():  # the trainer's own log of this rank (every attempt), after submitit's lines
+        sys.stdout.write(f"--- {paths[1]} (the trainer's log of rank {args.rank})\n{paths[1].read_text()}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from launcher.shipped import find_experiment
     from launcher.studies import ae_losses
 
     slurm_flags = slurm_flags_given(args)
@@ -501,7 +588,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"{' '.join(slurm_flags) or '--cluster'} start one in a SLURM job; pass one or the other"
         )
     check_placement(args)
-    experiment = args.experiment or ae_losses.TUNE_DIR / "ae_losses.yaml"
+    experiment = find_experiment(args.experiment or "tune/ae_losses")
     sweep = ae_losses.load_sweep(experiment, args.dataset)
     if args.cluster:
         from launcher.slurm.submit import SweepWork
@@ -522,10 +609,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from launcher.shipped import find_experiment
     from launcher.studies import pcae_vs_mae
 
     check_placement(args)
-    experiment = args.experiment or pcae_vs_mae.STUDY_DIR / "pcae_vs_mae_local.yaml"
+    experiment = find_experiment(args.experiment or "study/pcae_vs_mae_local")
     cfg = pcae_vs_mae.load_study(experiment)
     if args.budget:
         cfg = dataclasses.replace(cfg, budget_s=pcae_vs_mae.parse_budget(args.budget))
@@ -551,6 +639,59 @@ def cmd_study(args: argparse.Namespace) -> int:
     return pcae_vs_mae.run_locally(study, sys.stdout)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.export import export
+
+    weights, meta = export(args.source, args.out, args.encoder)
+    print(
+        f"wrote {weights} and {meta}; load it with\n"
+        f"  timm.create_model(meta['timm_model'], pretrained=True, num_classes=0, "
+        f"pretrained_cfg_overlay={{'file': '{weights}'}}, **meta['timm_kwargs'])"
+    )
+    return 0
+
+
+def cmd_experiments(args: argparse.Namespace) -> int:
+    from launcher.shipped import experiment_names, experiments_dir
+
+    print(f"shipped experiments ({experiments_dir()}); pass one as --experiment NAME:")
+    for name in experiment_names():
+        print(f"  {name}")
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from launcher.slurm import discover, profiles
+
+    if args.action == "init":
+        from launcher.slurm.profiles import check_shared
+
+        path = profiles.user_profile_dir() / f"{args.name}.yaml"
+        if path.exists() and not args.force:
+            raise ConfigError(f"profile {path} exists; pass --force to overwrite it, or choose another name")
+        if args.runs_dir:
+            check_shared(Path(args.runs_dir), "--runs-dir")
+        description = discover.describe_cluster()
+        profile = discover.profile_from(description, args.partition, args.runs_dir)
+        text = discover.profile_text(profile, description)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        print(f"{text}\nwritten to {path}; submit with --cluster {args.name}")
+        return 0
+    names = [args.name] if args.name else profiles.profile_names()
+    for name in names:
+        path = profiles.find_profile(name)
+        profiles.parse_profile(path)  # a malformed profile is an error here too
+        print(f"# {name}: {path}\n{path.read_text()}")
+    if discover.slurm_answers():
+        print(discover.describe_text(discover.describe_cluster()))
+    else:
+        print("no SLURM answers on this machine (no working sinfo)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from launcher.studies.ae_losses_report import write_report
 
@@ -573,6 +714,9 @@ COMMANDS = {
     "tune": cmd_tune,
     "report": cmd_report,
     "study": cmd_study,
+    "experiments": cmd_experiments,
+    "export": cmd_export,
+    "cluster": cmd_cluster,
 }
 
 if __name__ == "__main__":

@@ -607,6 +607,7 @@ def prepare_lunarlander(cfg: DataConfig, img_size: int) -> None:
             agent=cfg.generate_agent,
             num_workers=max(1, cfg.num_workers),
             seed=cfg.generate_seed,
+            max_episode_steps=cfg.generate_max_episode_steps or None,
         )
 
 

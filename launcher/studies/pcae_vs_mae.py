@@ -28,14 +28,13 @@ from typing import Any
 
 import torch
 
-from launcher.config import EXPERIMENTS_DIR, build_dataclass, read_yaml, to_dict
+from launcher.config import build_dataclass, read_yaml, to_dict
 from launcher.errors import ConfigError
 from launcher.probe import ProbeConfig, ProbeScore, ProbeSet, describe, target_names
 from launcher.stopping import StopRequest
 
 log = logging.getLogger(__name__)
 
-STUDY_DIR = EXPERIMENTS_DIR / "study"
 STUDY_FILE = "study.yaml"
 PLAN = "plan.json"
 POINTS = "points.jsonl"

@@ -94,6 +94,7 @@ def points_of(directory: Path) -> list[dict]:
     return [json.loads(line) for line in (directory / POINTS).read_text().splitlines()]
 
 
+@pytest.mark.slow  # three short studies, one killed: 20 s
 def test_points_are_a_function_of_the_seeds_and_a_killed_study_resumes(tmp_path: Path, monkeypatch) -> None:
     cfg = load_study(tiny_study(tmp_path))
     first = Study(cfg, tmp_path / "first")
