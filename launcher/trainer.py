@@ -94,7 +94,13 @@ class TrainConfig:
     micro_batch_size: int = 64  # per process per forward pass
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # Compile the method's forward and backward (torch.compile; the optimizer and EMA stay eager).
+    compile: bool = False
     log_every: int = 20
+    # Every this many steps (and at each log and checkpoint step) the ranks read the loss back
+    # and agree on stopping: the loop's only host synchronisation. A stop signal is acted upon,
+    # and a non-finite loss or too many unreadable samples found, within this many steps.
+    check_every: int = 10
     checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at the end
     num_checkpoints_kept: int = 2
 
@@ -104,6 +110,7 @@ class TrainConfig:
             "global_batch_size",
             "micro_batch_size",
             "log_every",
+            "check_every",
             "checkpoint_every",
             "num_checkpoints_kept",
         ):
@@ -177,11 +184,12 @@ def resolve_mixed_precision(choice: str) -> str:
     return "no"  # bf16 autocast on CPU is slower than fp32 on most CPUs
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW or LARS; no weight decay on biases, norms and other 1-D parameters; frozen parts left out.
 
     With ``layer_decay`` every group gets an ``lr_scale`` (timm's layer-wise decay, by the
     method's ``group_matcher``). LARS adapts the step of matrices only, as MAE's does.
+    ``fused``: AdamW's one-kernel CUDA implementation (the parameters must be on the GPU).
     """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     if cfg.layer_decay is not None:
@@ -203,7 +211,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             if (params := [p for p in group["params"] if (p.ndim > 1) == matrices])
         ]
         return Lars(groups, lr=0.0, momentum=cfg.momentum, trust_coeff=0.001)
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), fused=fused)
 
 
 class Trainer:
@@ -286,7 +294,10 @@ class Trainer:
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.base_lr = cfg.optim.blr * train.global_batch_size / 256
 
-        optimizer = build_optimizer(model, cfg.optim)
+        model.to(acc.device)  # before the optimizer: fused AdamW wants its parameters on the GPU
+        optimizer = build_optimizer(model, cfg.optim, fused=acc.device.type == "cuda")
+        if train.compile:
+            model.compile()  # in place: forward and backward compiled, state_dict keys unchanged
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.state = TrainState()
         self.saved_step: int | None = None  # step of the newest checkpoint on disk
@@ -421,24 +432,32 @@ class Trainer:
             if self._agree(self.stop.requested):
                 log.info("stopping before the first step as requested")
                 return self.result()
+            self._window = Window.start()
             while self.state.step < last_step:
                 self.sampler.set_epoch(self.state.epoch, self.state.step_in_epoch)
                 batches = iter(self.loader)
                 while self.state.step_in_epoch < self.steps_per_epoch and self.state.step < last_step:
-                    record = self._train_step(batches, method)
+                    self._train_step(batches, method)
+                    step = self.state.step
                     if acc.is_main_process:
                         progress.update(1)
+                    logged = step % cfg.train.log_every == 0 or step == last_step
+                    saved = step % cfg.train.checkpoint_every == 0
+                    if not (logged or saved or step % cfg.train.check_every == 0):
+                        continue
+                    record = self._check()  # every rank, at the same steps
+                    if acc.is_main_process:
                         progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-                        if self.state.step % cfg.train.log_every == 0 or self.state.step == last_step:
+                        if logged:
                             metrics.write(record)
                             with writing(self.run_dir / "tb"):
                                 for key, value in record.items():
                                     if key not in ("step", "epoch"):
-                                        tensorboard.add_scalar(f"train/{key}", value, self.state.step)
-                    if self.stop_agreed or self.state.step % cfg.train.checkpoint_every == 0:
+                                        tensorboard.add_scalar(f"train/{key}", value, step)
+                    if self.stop_agreed or saved:
                         self.save_checkpoint()
                     if self.stop_agreed:
-                        log.info("stopping at step %d as requested", self.state.step)
+                        log.info("stopping at step %d as requested", step)
                         return self.result()
                 if self.state.step_in_epoch == self.steps_per_epoch:
                     self.state.epoch += 1
@@ -484,22 +503,26 @@ class Trainer:
         value = torch.tensor(float(flag), device=self.accelerator.device)
         return bool(self.accelerator.reduce(value, reduction="sum") > 0)
 
-    def _train_step(self, batches, method: nn.Module) -> dict[str, float]:
-        """One optimizer step over ``accumulation_steps`` micro-batches; returns the logged record."""
-        acc, cfg = self.accelerator, self.cfg
-        start = time.perf_counter()
+    def _train_step(self, batches, method: nn.Module) -> None:
+        """One optimizer step over ``accumulation_steps`` micro-batches, queued without waiting for the device.
+
+        The step's logged values stay on the device (``self._window``) until ``_check`` reads
+        them: a GPU runs ahead of the host until then.
+        """
+        acc, cfg, window = self.accelerator, self.cfg, self._window
         lr = learning_rate(self.state.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-        data_time, sums, bad = 0.0, {}, 0.0
+        sums = {}
         for micro in range(self.accumulation_steps):
             fetch = time.perf_counter()
             batch = next(batches)
-            data_time += time.perf_counter() - fetch
+            window.data_seconds += time.perf_counter() - fetch
             if "bad" in batch:  # unreadable files the pipeline replaced
-                bad += float(batch.pop("bad").sum())
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                window.bad += float(batch.pop("bad").sum())
+            # The seeds stay on the host, where the methods draw their noise from them.
+            batch = {k: v if k == "seed" else v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             last = micro == self.accumulation_steps - 1
             # Gradients are all-reduced only on the last micro-batch of the step.
             with nullcontext() if last else acc.no_sync(self.model):
@@ -508,52 +531,89 @@ class Trainer:
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
 
-        # One collective per step: the mean of every logged scalar over micro-batches and
-        # ranks, the bad samples replaced, and the stop flag, so that every rank takes the same decision.
-        keys = sorted(sums)
-        packed = torch.stack(
-            [sums[k] / self.accumulation_steps for k in keys]
-            + [torch.tensor(bad, device=acc.device), torch.tensor(float(self.stop.requested), device=acc.device)]
+        # The mean of every logged scalar over micro-batches and ranks: an all-reduce the device
+        # runs in its own time. Every rank sees the same reduced loss, so a non-finite one is
+        # noticed at the same step everywhere.
+        window.keys = sorted(sums)
+        values = acc.reduce(torch.stack([sums[k] / self.accumulation_steps for k in window.keys]), reduction="mean")
+        finite = torch.isfinite(values[window.keys.index("loss")])
+        window.first_nonfinite = torch.where(
+            finite | (window.first_nonfinite > 0), window.first_nonfinite, self.state.step + 1
         )
-        packed = acc.reduce(packed, reduction="mean")
-        values = dict(zip(keys, packed[:-2].tolist()))
-        # Decide on the reduced flag only: a signal handler may set the stop request on this rank
-        # after the reduce, and acting on it would leave the other ranks in the next step.
-        self.stop_agreed = bool(packed[-1] > 0)
-        self.state.bad_samples += round(float(packed[-2]) * acc.num_processes)
-        if self.state.bad_samples > cfg.data.max_bad_samples:
-            raise DataError(
-                f"{self.state.bad_samples} unreadable samples so far (step {self.state.step + 1}), more than "
-                f"data.max_bad_samples={cfg.data.max_bad_samples}: the data set has many broken files (the logs "
-                f"name them). Run `launch data check {cfg.data.root}`, remove or repair them, or raise "
-                f"data.max_bad_samples; then run the same command to resume."
-            )
-        if not math.isfinite(values["loss"]):
-            last_good = checkpoint.latest_valid(self.run_dir)
-            raise DivergedError(
-                f"the loss became {values['loss']} at step {self.state.step + 1}; the optimizer step was "
-                f"not taken. The last good checkpoint is {last_good or 'none'}. Lower optim.blr, set "
-                f"optim.clip_grad or train.mixed_precision=no, then run the same command to resume."
-            )
-
         if cfg.optim.clip_grad is not None:
-            values["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad))
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+            values = torch.cat([values, norm.detach().float().view(1).to(values.device)])
+        window.values, window.lr = values, lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.step_in_epoch += 1
+        window.steps += 1
         if hasattr(method, "on_step_end"):
             method.on_step_end(self.state.step, self.total_steps)
 
-        step_time = time.perf_counter() - start
-        self.state.train_seconds += step_time
+    def _check(self) -> dict[str, float]:
+        """Read the last step's values back, agree on stopping, and check the loss and the bad samples.
+
+        Every rank calls this at the same steps. Returns the record to log: the last step's
+        values, and the time per step and images/s over the steps since the previous check.
+        """
+        acc, cfg, window = self.accelerator, self.cfg, self._window
+        flags = acc.reduce(torch.tensor([window.bad, float(self.stop.requested)], device=acc.device), reduction="sum")
+        packed = torch.cat([window.values, window.first_nonfinite.view(1).float(), flags]).tolist()
+        seconds = time.perf_counter() - window.started  # the device has finished every step by now
+        bad, stop = packed[-2:]
+        first_nonfinite = round(packed[-3])
+        values = dict(zip(window.keys, packed[: len(window.keys)]))
+        if cfg.optim.clip_grad is not None:
+            values["grad_norm"] = packed[len(window.keys)]
+        # Decide on the reduced flag only: a signal handler may set the stop request on this rank
+        # after the reduce, and acting on it would leave the other ranks in the next step.
+        self.stop_agreed = stop > 0
+        self.state.bad_samples += round(bad)
+        self.state.train_seconds += seconds
         self.state.loss = values["loss"]
-        return {
+        record = {
             "step": self.state.step,
             "epoch": self.state.epoch,
             **values,
-            "lr": lr,
-            "img_per_s": cfg.train.global_batch_size / step_time,
-            "step_time": step_time,
-            "data_time": data_time,
+            "lr": window.lr,
+            "img_per_s": cfg.train.global_batch_size * window.steps / seconds,
+            "step_time": seconds / window.steps,
+            "data_time": window.data_seconds / window.steps,
         }
+        self._window = Window.start()
+        if first_nonfinite:
+            last_good = checkpoint.latest_valid(self.run_dir)
+            raise DivergedError(
+                f"the loss became non-finite at step {first_nonfinite} (found at step {self.state.step}, "
+                f"checked every {cfg.train.check_every} steps); nothing since was saved. The last good checkpoint "
+                f"is {last_good or 'none'}. Lower optim.blr, set optim.clip_grad or train.mixed_precision=no, "
+                f"then run the same command to resume."
+            )
+        if self.state.bad_samples > cfg.data.max_bad_samples:
+            raise DataError(
+                f"{self.state.bad_samples} unreadable samples so far (step {self.state.step}), more than "
+                f"data.max_bad_samples={cfg.data.max_bad_samples}: the data set has many broken files (the logs "
+                f"name them). Run `launch data check {cfg.data.root}`, remove or repair them, or raise "
+                f"data.max_bad_samples; then run the same command to resume."
+            )
+        return record
+
+
+@dataclass
+class Window:
+    """What the steps since the last ``Trainer._check`` left to read back."""
+
+    started: float
+    first_nonfinite: torch.Tensor | int = 0  # the 1-based step whose loss was first non-finite, 0: none
+    steps: int = 0
+    data_seconds: float = 0.0
+    bad: float = 0.0  # unreadable samples replaced (on this rank)
+    keys: list[str] = dataclasses.field(default_factory=list)
+    values: torch.Tensor | None = None
+    lr: float = 0.0
+
+    @classmethod
+    def start(cls) -> Window:
+        return cls(time.perf_counter())

@@ -22,9 +22,10 @@ def mae_loss(pred: Tensor, target_patches: Tensor, norm_pix_loss: bool) -> Tenso
     """Mean per-patch MSE between predictions and pixel patches ``[B, m, p*p*C]`` of the removed patches.
 
     With ``norm_pix_loss`` each target patch is standardised by its own mean and (unbiased)
-    variance first, as in the reference.
+    variance first, as in the reference. Computed in fp32.
     """
-    target = target_patches
+    # In fp32 whatever the autocast dtype of the decoder: bf16 targets would round the pixels.
+    pred, target = pred.float(), target_patches.float()
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)

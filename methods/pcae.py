@@ -124,7 +124,7 @@ class PCAE(nn.Module):
             return x
 
         x = self.teacher.forward_tokens(self.teacher.embed_patches(images, ids_masked), hook=reduce)
-        features = F.layer_norm(x, x.shape[-1:], eps=1e-6)
+        features = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6)  # the targets in fp32, whatever autocast ran
         return TeacherTargets(features, ids_per_stage[-1], tuple(ids_per_stage))
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -133,7 +133,7 @@ class PCAE(nn.Module):
         latent = self.student(images, masking.ids_keep)
         targets = self.teacher_targets(images, masking.ids_masked, stage_noise)
         pred = self.decoder(latent, masking.ids_keep, targets.ids)
-        loss = 1.0 - F.cosine_similarity(pred, targets.features, dim=-1).mean()
+        loss = 1.0 - F.cosine_similarity(pred.float(), targets.features, dim=-1).mean()
         num_targets = pred.new_tensor(float(targets.ids.shape[1]))
         return {"loss": loss, "num_target_tokens": num_targets}
 

@@ -18,17 +18,25 @@ import torch
 from torch import Tensor
 
 
+@torch.compiler.disable  # host-side generators: a compiled forward calls this as it is
 def per_sample_noise(
     seeds: Tensor, n: int, device: torch.device | str, distribution: Literal["uniform", "normal"] = "uniform"
 ) -> Tensor:
-    """Noise ``[B, n]`` whose row ``i`` depends only on ``seeds[i]``: U[0, 1) or N(0, 1)."""
+    """Noise ``[B, n]`` whose row ``i`` depends only on ``seeds[i]``: U[0, 1) or N(0, 1).
+
+    Drawn on the host, from host seeds (the trainer leaves ``batch["seed"]`` there), and copied
+    to ``device`` without waiting: no synchronisation with a GPU.
+    """
     draw = torch.rand if distribution == "uniform" else torch.randn
     generator = torch.Generator()
     rows = []
     for seed in seeds.tolist():
         generator.manual_seed(int(seed))
         rows.append(draw(n, generator=generator))
-    return torch.stack(rows).to(device, non_blocking=True)
+    noise = torch.stack(rows)
+    if torch.device(device).type == "cuda":
+        noise = noise.pin_memory()  # a copy from pageable memory could wait for the device
+    return noise.to(device, non_blocking=True)
 
 
 @contextmanager

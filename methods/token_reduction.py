@@ -100,11 +100,14 @@ def similarity_scores(x: Tensor) -> Tensor:
 
     This follows the reference release, which averages the *normalised* tokens (the paper's
     figure writes ``1 - sim(X, mean(X))`` without saying which mean). Dividing by the norm of the
-    mean changes no ranking within an image; it only makes the score a true cosine.
+    mean changes no ranking within an image; it only makes the score a true cosine. Always in
+    fp32: under bf16 autocast the einsum would round scores that differ in the third digit,
+    and which tokens are kept would follow the rounding.
     """
-    tokens = F.normalize(x, dim=-1)
-    mean = F.normalize(tokens.mean(dim=1), dim=-1)
-    return torch.einsum("bnd,bd->bn", tokens, mean)
+    with torch.autocast(x.device.type, enabled=False):
+        tokens = F.normalize(x.float(), dim=-1)
+        mean = F.normalize(tokens.mean(dim=1), dim=-1)
+        return torch.einsum("bnd,bd->bn", tokens, mean)
 
 
 class TokenReducer(nn.Module):

@@ -1,7 +1,8 @@
 """``launch bench ...``: benchmarks that print ratios measured side by side in one run.
 
 ``compute``: ``pretrain`` (PCAE vs MAE training steps), ``finetune`` (inference with token
-reduction), ``ae-losses`` (the six autoencoder procedures); ``slurm_latency``: ``slurm``
+reduction), ``ae-losses`` (the six autoencoder procedures); ``data``: the pretraining input
+pipeline per loader worker; ``slurm_latency``: ``slurm``
 (submission and requeue latencies of a real cluster).
 """
 
@@ -11,12 +12,13 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.bench import compute, slurm_latency
+    from launcher.bench import compute, data, slurm_latency
 
     benchmarks = {
         "pretrain": compute.bench_pretrain,
         "finetune": compute.bench_finetune,
         "ae-losses": compute.bench_ae_losses,
+        "data": data.bench_data,
         "slurm": slurm_latency.bench_slurm,
     }
     return benchmarks[args.benchmark](args)

@@ -37,6 +37,10 @@ class DataConfig:
     # (timm's random resized crop, flip, RandAugment `rand_augment`, random erasing `reprob`).
     augment: Literal["mae", "randaug", "flip", "none"] = "mae"
     min_crop_scale: float = 0.2
+    # How `mae`'s crop is resampled: `tensor` (torchvision v2 on the decoded image as a tensor) or
+    # `pillow` (crop, bicubic resize and flip in one Pillow pass, uint8 until the last step):
+    # the same draws, faster per loader worker (`launch bench data` measures both).
+    resample: Literal["tensor", "pillow"] = "tensor"
     rand_augment: str = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
     # Evaluation: resize to img_size / eval_crop_pct, then centre-crop img_size (ImageNet: 0.875).
@@ -45,10 +49,13 @@ class DataConfig:
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD
     num_workers: int = 8
     # LunarLander only: when > 0 and `root` holds no data set, `prepare` generates this many
-    # frames there, flown by this agent, with this seed (give the sets of one study different seeds).
+    # frames there, flown by this agent, with this seed (give the sets of one study different seeds),
+    # each episode cut after generate_max_episode_steps (0: gymnasium's 1000; a pilot that hovers
+    # for 1000 steps would otherwise fill a small test set with one episode).
     generate_frames: int = 0
     generate_seed: int = 0
     generate_agent: Literal["random", "heuristic", "mixed"] = "random"
+    generate_max_episode_steps: int = 0
     # Unreadable samples (a truncated or mislabelled image file) are replaced by another sample
     # drawn from (seed, epoch, index) and counted; more than this many in a run stop it.
     max_bad_samples: int = 100
@@ -62,9 +69,11 @@ class DataConfig:
             raise ValueError("data.mean and data.std need one value per channel, std > 0")
         if not 0.0 < self.eval_crop_pct <= 1.0 or not 0.0 <= self.reprob <= 1.0:
             raise ValueError("data.eval_crop_pct must be in (0, 1] and data.reprob in [0, 1]")
-        if min(self.num_workers, self.generate_frames, self.generate_seed, self.max_bad_samples) < 0:
+        counts = (self.num_workers, self.generate_frames, self.generate_seed, self.generate_max_episode_steps)
+        if min(*counts, self.max_bad_samples) < 0:
             raise ValueError(
-                "data.num_workers, data.generate_frames, data.generate_seed and data.max_bad_samples must be >= 0"
+                "data.num_workers, data.generate_frames, data.generate_seed, data.generate_max_episode_steps and "
+                "data.max_bad_samples must be >= 0"
             )
 
 

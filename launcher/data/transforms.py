@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 from launcher.data import DataConfig
@@ -34,6 +36,8 @@ def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> Calla
             mean=tuple(cfg.mean),
             std=tuple(cfg.std),
         )
+    if augment == "mae" and cfg.resample == "pillow":
+        return PillowResizedCrop(img_size, (cfg.min_crop_scale, 1.0), cfg.mean, cfg.std)
     if augment == "mae":
         geometry = [
             v2.RandomResizedCrop(
@@ -57,3 +61,28 @@ def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> Calla
             v2.Normalize(list(cfg.mean), list(cfg.std)),
         ]
     )
+
+
+class PillowResizedCrop:
+    """MAE's random resized crop + flip + normalise, resampled by Pillow in one pass.
+
+    The crop box is drawn exactly as torchvision's ``RandomResizedCrop`` draws it (its own
+    ``get_params``, from the torch RNG the sample's seed has set), then the flip; Pillow crops and
+    resizes in one bicubic pass (its filters widen when they shrink: antialiased) on the 8-bit
+    image, and only the final ``img_size`` square becomes floats. The torchvision path instead
+    converts the whole decoded image to a tensor and resamples that.
+    """
+
+    def __init__(self, img_size: int, scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.img_size, self.scale, self.ratio = img_size, scale, (3 / 4, 4 / 3)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        top, left, height, width = v2.RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        box = (left, top, left + width, top + height)
+        out = image.resize((self.img_size, self.img_size), Image.Resampling.BICUBIC, box=box)
+        if torch.rand(1) < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(out, dtype=np.float32)).permute(2, 0, 1)
+        return (pixels - self.mean) / self.std

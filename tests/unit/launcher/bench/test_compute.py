@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from launcher.bench.compute import MatmulPeak
 from tests.helpers import launch
 
 
@@ -9,8 +12,21 @@ def test_bench_pretrain_prints_speeds_flops_and_ratios(capsys) -> None:
     assert launch("bench pretrain --sizes micro --batch-size 4 --steps 1 --warmup 0") == 0
     out = capsys.readouterr().out
     assert "fp32 matmul peak" in out or "bf16 matmul peak" in out
-    assert "micro      4  mae" in out and "micro      4  pcae" in out
-    assert "PCAE/MAE speed: measured" in out and "FLOP ratio" in out
+    for contender in ("mae 0.75 eager", "pcae 0.75 eager", "pcae 0.85 eager"):
+        assert f"micro      4  {contender}" in out
+    assert "eager: PCAE 0.85 / MAE 0.75 speed: measured" in out and "FLOP ratio" in out
+    # Every fraction of the peak is at most 100%: the peak is the best of the shapes, sampled between steps.
+    fractions = [float(line.rsplit("  ", 1)[1].rstrip("%")) for line in out.splitlines() if line.endswith("%")]
+    assert len(fractions) == 3 and all(0 < f <= 100 for f in fractions), out
+
+
+def test_the_matmul_peak_is_the_best_of_its_shapes_and_says_when_it_is_beaten() -> None:
+    peak = MatmulPeak(torch.device("cpu"), torch.float32, [(64, 32, 16)])
+    assert (64, 32, 16) in peak.shapes and (1024, 1024, 1024) in peak.shapes
+    first = peak.best
+    assert peak.sample() >= first > 0
+    assert peak.fraction(peak.best / 2) == "50.0%"
+    assert "above the measured peak" in peak.fraction(peak.best * 1.1)
 
 
 def test_bench_finetune_prints_gains_for_each_drop_ratio(capsys) -> None:

@@ -53,8 +53,9 @@ def test_sample_seeds_depend_on_seed_epoch_index() -> None:
     assert a != m and 0 <= a < 2**63 and 0 <= m < 2**63
 
 
-def test_augmentation_is_a_function_of_the_key_not_of_workers(image_folder: Path) -> None:
-    cfg = DataConfig(name="imagefolder", root=str(image_folder), augment="mae", num_workers=2)
+@pytest.mark.parametrize("resample", ["tensor", "pillow"])
+def test_augmentation_is_a_function_of_the_key_not_of_workers(image_folder: Path, resample: str) -> None:
+    cfg = DataConfig(name="imagefolder", root=str(image_folder), augment="mae", num_workers=2, resample=resample)
     dataset = SeededDataset(open_dataset(cfg, 32), build_transform(cfg, 32), seed=0)
     first = dataset[(5, 0)]
     torch.manual_seed(123)  # the caller's RNG must not matter...
@@ -67,3 +68,19 @@ def test_augmentation_is_a_function_of_the_key_not_of_workers(image_folder: Path
     in_workers = list(build_loader(dataset, sampler, num_workers=2, pin_memory=False))
     for a, b in zip(in_process, in_workers, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["seed"], b["seed"])
+
+
+def test_pillow_resampling_draws_the_crops_and_flips_of_the_tensor_path(image_folder: Path) -> None:
+    # Same key, same crop box and flip: the two paths differ only by Pillow's 8-bit rounding
+    # and clipping of the bicubic overshoot, while the other flip differs by whole intensities.
+    tensor, pillow = (
+        SeededDataset(open_dataset(cfg, 32), build_transform(cfg, 32), seed=0)
+        for cfg in (
+            DataConfig(name="imagefolder", root=str(image_folder), augment="mae", resample=resample)
+            for resample in ("tensor", "pillow")
+        )
+    )
+    for key in [(i, epoch) for i in range(0, 36, 5) for epoch in range(3)]:
+        a, b = tensor[key]["image"], pillow[key]["image"]
+        assert a.shape == b.shape == (3, 32, 32)
+        assert (a - b).abs().mean() < 0.1 < 0.3 < (a - b.flip(-1)).abs().mean(), key
