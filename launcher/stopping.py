@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -51,6 +52,32 @@ def install_stop_handlers(
 
     for sig in signals:
         signal.signal(sig, handler)
+
+
+# What a SLURM task holds back from the moment its interpreter starts until its job body has its
+# handlers: without it, a preemption's USR2 in the seconds Python and submitit take to start
+# kills the task (the default action) with nothing recorded and no requeue. Blocked signals stay
+# pending across exec and are delivered the moment they are released.
+HELD_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+def held_signals_python(python: str) -> str:
+    """A command that runs ``python`` with HELD_SIGNALS blocked (submitit's ``python`` parameter).
+
+    A bare interpreter (``-S``, no site imports) blocks them and replaces itself by ``python``, so
+    the unguarded window is that interpreter's start-up, milliseconds instead of seconds.
+    """
+    code = (
+        "import os,signal,sys;"
+        f"signal.pthread_sigmask(signal.SIG_BLOCK,({','.join(f'signal.{s.name}' for s in HELD_SIGNALS)}));"
+        "os.execv(sys.argv[1],sys.argv[1:])"
+    )
+    return f"{shlex.quote(python)} -S -c {shlex.quote(code)} {shlex.quote(python)}"
+
+
+def release_held_signals() -> None:
+    """Deliver what HELD_SIGNALS held back, to the handlers now installed (a no-op when none was held)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
 
 
 class Interrupted(Exception):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.slurm.records import record_attempt
-from launcher.stopping import StopRequest, install_stop_handlers
+from launcher.stopping import StopRequest, install_stop_handlers, release_held_signals
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class TrainingJob:
         # after a preemption's grace time.
         stop = StopRequest()
         install_stop_handlers(stop, (signal.SIGUSR2, signal.SIGTERM), SIGNAL_WARNINGS)
+        release_held_signals()  # a signal of the start-up arrives now, and only stops the run
         os.environ["MASTER_PORT"] = str(master_port(env.job_id, attempt))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpu, overwrite=True)
         if not self.use_gpu:
@@ -89,11 +90,18 @@ class TrainingJob:
         if rank == 0:
             record_attempt(run_dir, env.job_id, attempt, outcome="running")
         self.trainer = None  # the work's trainer, once it has one: how far it got if it fails
+        failed_at: float | None = None
         try:
             import torch.distributed as dist
 
             try:
                 result = self.work(run_dir, stop)
+            except BaseException:
+                # When the error happened, not when it is recorded: tearing down the process group
+                # below takes a while, and a peer that loses its connection meanwhile must not be
+                # recorded as the first to fail.
+                failed_at = time.time()
+                raise
             finally:
                 if dist.is_available() and dist.is_initialized():
                     dist.destroy_process_group()  # no rank may outlive the job (zombie jobs)
@@ -108,6 +116,7 @@ class TrainingJob:
                     error=f"rank {rank}: {type(e).__name__}: {e}",
                     step=step,
                     rank=rank,
+                    failed_at=failed_at,
                 )
             raise
 
@@ -205,6 +214,7 @@ class RaySweepJob:
         self.study, self.sweep_dir, self.storage, self.gpus_per_node = study, sweep_dir, storage, gpus_per_node
 
     def __call__(self) -> dict[str, Any]:
+        release_held_signals()  # to submitit's handlers, installed by now; before Ray inherits the mask
         import submitit
 
         from launcher.tune import ray_cluster

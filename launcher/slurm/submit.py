@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,11 @@ from launcher.slurm.profiles import (
     check_shared,
     load_profile,
     parse_time,
+    profile_name,
     resolve_resources,
 )
 from launcher.slurm.records import LAUNCH_JSON, now, read_launch, write_launch
+from launcher.stopping import held_signals_python
 
 STARTUP_S = 60  # from submission to the first step: Python, torch, the data and the model
 
@@ -47,6 +50,7 @@ class Request:
     partition: str | None = None
     time: str | None = None
     max_requeues: int = 10
+    profile: ClusterProfile | None = None  # a profile described on the spot (no file), else load `cluster`
 
 
 class Work:
@@ -60,10 +64,10 @@ class Work:
         raise NotImplementedError
 
     def resources(self, request: Request) -> tuple[ClusterProfile, Resources]:
-        profile = load_profile(request.cluster)
+        profile = request.profile or load_profile(request.cluster)
         time_min = None if request.time is None else parse_time(request.time)
         return profile, resolve_resources(
-            request.cluster, profile, request.nodes, request.gpus_per_node, request.partition, time_min
+            profile_name(request.cluster), profile, request.nodes, request.gpus_per_node, request.partition, time_min
         )
 
     def check(self, directory: Path, res: Resources) -> bool:
@@ -355,6 +359,8 @@ def sbatch_parameters(profile: ClusterProfile, res: Resources, job_name: str) ->
 def _executor(folder: Path, max_requeues: int, render_only: bool = False):
     from submitit.slurm.slurm import SlurmExecutor
 
+    # Every task starts with the stop signals held until its job body has its handlers.
+    python = held_signals_python(sys.executable)
     if render_only:  # the same executor, minus its check that srun exists
 
         class RenderOnly(SlurmExecutor):
@@ -362,8 +368,8 @@ def _executor(folder: Path, max_requeues: int, render_only: bool = False):
             def affinity(cls) -> int:
                 return 1
 
-        return RenderOnly(folder, max_num_timeout=max_requeues)
-    return SlurmExecutor(folder, max_num_timeout=max_requeues)
+        return RenderOnly(folder, max_num_timeout=max_requeues, python=python)
+    return SlurmExecutor(folder, max_num_timeout=max_requeues, python=python)
 
 
 def next_submission_folder(directory: Path) -> Path:

@@ -7,6 +7,7 @@ about 15 s before it restarts (cred_expire=10 plus the scheduler's pass).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -122,9 +123,28 @@ def test_two_node_job_gives_the_losses_of_one_process(shared: Path, reference_lo
     record = json.loads((run / "launch.json").read_text())
     assert record["attempts"][-1]["outcome"] == "finished"
     assert main(["status", str(run)]) == 0
-    assert f"COMPLETED, step {len(reference_losses)}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"COMPLETED, step {len(reference_losses)}" in out
+    # Its cost, from sacct: elapsed seconds x the allocation's nodes, as `launch status` and launch.json say.
+    elapsed, nodes = sacct_allocation(job_id(run))
+    assert len(elapsed) == 1 and nodes == [2]
+    assert f"{elapsed[0] * 2 / 3600:.3f} node-hours" in out
+    assert abs(json.loads((run / "launch.json").read_text())["cost"]["node_hours"] - elapsed[0] * 2 / 3600) < 1e-9
     assert main(["logs", str(run), "--rank", "1"]) == 0
-    assert "global_rank=1(2)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "global_rank=1(2)" in out  # submitit's lines...
+    assert "(the trainer's log of rank 1)" in out and "[rank 1] INFO launcher.trainer" in out  # ...then the trainer's
+
+
+def sacct_allocation(job: str) -> tuple[list[int], list[int]]:
+    """Elapsed seconds and node counts of every attempt of a job, straight from sacct."""
+    rows = subprocess.run(
+        ["sacct", "-D", "-X", "-n", "-P", "-o", "ElapsedRaw,NNodes", "-j", job],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [int(r.split("|")[0]) for r in rows], [int(r.split("|")[1]) for r in rows]
 
 
 def test_preempted_job_requeues_resumes_and_gives_the_same_losses(shared: Path, reference_losses: list[float]) -> None:
@@ -171,6 +191,9 @@ def test_preempted_job_requeues_resumes_and_gives_the_same_losses(shared: Path, 
     assert 3 <= attempts[0]["step"] < len(reference_losses)
     assert status["restarts"] == 1
     assert_same_losses(losses(run), reference_losses)
+    elapsed, _ = sacct_allocation(victim)  # a requeued run sums its attempts
+    assert len(elapsed) == 2 and status["cost"]["attempts"] == 2
+    assert abs(status["cost"]["node_hours"] - sum(elapsed) * 2 / 3600) < 1e-9
     rows = subprocess.run(
         ["sacct", "-X", "-n", "-P", "-o", "NodeList,State", "-j", high], capture_output=True, text=True
     ).stdout.split()
@@ -277,3 +300,42 @@ def test_two_node_finetuning_gives_the_losses_of_one_process_and_evaluates(share
     assert_same_losses(losses(run), losses(shared / "finetune-reference"))
     evaluation = json.loads((run / "eval.json").read_text())
     assert evaluation["samples"] == 36 and evaluation["step"] == len(losses(run))
+
+
+def test_a_preemption_signal_during_start_up_requeues_and_the_run_finishes(shared: Path) -> None:
+    """USR2 while the tasks are still importing torch: no checkpoint to write, the job requeues itself."""
+    run = submit(shared, "usr2-at-start")
+    job = job_id(run)
+    deadline = time.monotonic() + 60
+    # Once both tasks have started Python (submitit's first log line), and before either has its
+    # handlers: the job body is importing torch, or submitit is still loading it.
+    logs = [None, None]
+    while not all(log is not None and log.is_file() and log.read_text() for log in logs):
+        assert time.monotonic() < deadline, control.run_status(run)
+        if control.queue_state(job) == "RUNNING":
+            logs = [control.log_path(run, rank) for rank in (0, 1)]
+        time.sleep(0.02)
+    control.send_signal(job, "USR2")
+    status = wait_for(run, TERMINAL, 180)
+    assert status["state"] == "COMPLETED", status
+    attempts = read_launch(run)["attempts"]
+    assert attempts[0]["outcome"] == "requeued" and attempts[-1]["outcome"] == "finished"
+    assert attempts[0].get("step", 0) == 0  # nothing was trained, nothing checkpointed
+
+
+def test_a_rank_that_fails_is_reported_not_the_peers_it_took_down(shared: Path) -> None:
+    """The data set disappears between submission and start: rank 0's own error is the run's error."""
+    images = shared / "vanishing-images"
+    make_image_folder(images)
+    experiment = shared / "vanishing.yaml"
+    experiment.write_text(yaml.safe_dump(tiny_experiment("pcae", images)))
+    run = shared / "vanishing"
+    assert (
+        launch(f"pretrain pcae --cluster local-test --nodes 2 --time 10 --experiment {experiment} --run-dir {run}") == 0
+    )
+    shutil.rmtree(images)  # the job starts seconds later and finds no data
+    status = wait_for(run, TERMINAL, 120)
+    assert status["state"] == "FAILED", status
+    # Every rank finds the data gone; whichever failed first is named, with its own error, not a peer's
+    # broken collective.
+    assert re.match(r"rank [01]: DataError: data.root", status["last_error"]), status["last_error"]
