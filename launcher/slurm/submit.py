@@ -138,6 +138,14 @@ def submit(work: Work, request: Request, dry_run: bool = False) -> Submission:
 # ----------------------------------------------------------------------------- the kinds of work
 
 
+def _allocation_line(res: Resources) -> str:
+    """The dry run's line of what the job asks for."""
+    return (
+        f"# cluster {res.cluster}: {res.nodes} node(s) x {res.tasks_per_node} task(s), "
+        f"partition {res.partition}, {res.time_min} min"
+    )
+
+
 def _follow_hints(directory: Path) -> str:
     return f"  launch status {directory}\n  launch logs {directory} -f\n  launch cancel {directory}"
 
@@ -185,8 +193,7 @@ class TrainingWork(Work):
         return (
             f"# experiment: {self.experiment}\n# run directory: {directory}"
             f"{' (exists: would resume)' if resuming else ''}\n"
-            f"# cluster {res.cluster}: {res.nodes} node(s) x {res.tasks_per_node} task(s), "
-            f"partition {res.partition}, {res.time_min} min\n{dump_yaml(self.cfg)}# sbatch script\n{script}"
+            f"{_allocation_line(res)}\n{dump_yaml(self.cfg)}# sbatch script\n{script}"
         )
 
     def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
@@ -258,8 +265,7 @@ class StudyWork(Work):
             f"# study {self.study.name} from {self.experiment}: {len(self.study.seeds)} seeds x 2 methods x "
             f"{self.study.budget_s:.0f} s\n# study directory: {directory}"
             f"{' (exists: would resume)' if resuming else ''}\n"
-            f"# cluster {res.cluster}: {res.nodes} node(s) x {res.tasks_per_node} task(s), "
-            f"partition {res.partition}, {res.time_min} min\n# sbatch script\n{script}"
+            f"{_allocation_line(res)}\n# sbatch script\n{script}"
         )
 
     def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
