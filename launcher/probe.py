@@ -219,12 +219,13 @@ def describe(scores: dict[str, ProbeScore], names: dict[int, str], headline: tup
     """A table of test R², one row per encoder (or baseline), one column per target, then the mean."""
     columns = list(next(iter(scores.values())).r2)
     width = max(len(label) for label in scores) + 2
-    head = f"  {'':<{width}}" + "".join(f"{names[t]:>10}" for t in columns)
-    head += f"{'mean of ' + ','.join(names[t] for t in headline):>{12 + 3 * len(headline)}}"
+    cell = {t: max(8, len(names[t])) + 2 for t in columns}  # every name fits with two spaces before it
+    mean_title = "mean of " + ",".join(names[t] for t in headline)
+    head = f"  {'':<{width}}" + "".join(f"{names[t]:>{cell[t]}}" for t in columns) + f"  {mean_title}"
     rows = [head]
     for label, score in scores.items():
-        cells = "".join(f"{score.r2[t]:>10.3f}" for t in columns)
-        rows.append(f"  {label:<{width}}{cells}{score.mean:>{12 + 3 * len(headline)}.3f}")
+        cells = "".join(f"{score.r2[t]:>{cell[t]}.3f}" for t in columns)
+        rows.append(f"  {label:<{width}}{cells}{score.mean:>{len(mean_title) + 2}.3f}")
     return "\n".join(rows)
 
 

@@ -403,6 +403,17 @@ def write_report(directory: Path) -> Path:
                 f"{max(c['mean'] for c in curves['pcae']):.3f})."
             ),
         ]
+        if curves.get("random init"):
+            # The comparison that says whether either learnt anything: a gain over the same encoder
+            # untrained, in units of the seeds' spread.
+            init = curves["random init"][-1]
+            gains = ", ".join(
+                f"{m.upper()} {final[m]['mean'] - init['mean']:+.3f} (seed std {final[m]['std']:.3f})" for m in METHODS
+            )
+            lines.append(
+                f"Against the same encoder at its random initialisation ({init['mean']:.3f} ± {init['std']:.3f}): "
+                f"{gains}. A gain within the seeds' spread is no gain."
+            )
     lines += [
         "",
         "Per target (final points, mean over seeds):",
