@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 CLUSTER_HELP = "cluster profile NAME or PATH.yaml (`launch cluster show` lists them); submits one SLURM job"
 
 
+def add_job_flags(group: argparse._ArgumentGroup) -> None:
+    """The flags of one SLURM job that training runs and studies share."""
+    group.add_argument("--cluster", help=CLUSTER_HELP)
+    group.add_argument("--nodes", type=int, help="nodes of the job (default 1)")
+    group.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (0: one task per node)")
+    group.add_argument("--partition", help="SLURM partition")
+    group.add_argument("--time", help="time limit: minutes, H:MM:SS or D-HH:MM:SS")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -118,12 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--study-dir", type=Path, help="where the study lives (default runs/study/NAME)")
     study.add_argument("--report", action="store_true", help="only write the report of the points so far")
     study.add_argument("--dry-run", action="store_true", help="print the study, its directory (and sbatch script)")
-    study_slurm = study.add_argument_group("SLURM (one job of N nodes runs the study, each run on all of them)")
-    study_slurm.add_argument("--cluster", help=CLUSTER_HELP)
-    study_slurm.add_argument("--nodes", type=int, help="nodes of the job (default 1)")
-    study_slurm.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each")
-    study_slurm.add_argument("--partition", help="SLURM partition")
-    study_slurm.add_argument("--time", help="time limit: minutes, H:MM:SS or D-HH:MM:SS")
+    add_job_flags(study.add_argument_group("SLURM (one job of N nodes runs the study, each run on all of them)"))
 
     commands.add_parser("experiments", help="list the shipped experiment files (address them by name)")
     export = commands.add_parser("export", help="write a run's encoder in timm's layout (safetensors + JSON)")
@@ -219,11 +223,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_experiment: str) 
         help="print the resolved config, run directory (and sbatch script), run nothing",
     )
     slurm = parser.add_argument_group("SLURM (override the cluster profile)")
-    slurm.add_argument("--cluster", help=CLUSTER_HELP)
-    slurm.add_argument("--nodes", type=int, help="nodes of the job (default 1)")
-    slurm.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (0: one task per node)")
-    slurm.add_argument("--partition", help="SLURM partition")
-    slurm.add_argument("--time", help="time limit: minutes, H:MM:SS or D-HH:MM:SS")
+    add_job_flags(slurm)
     slurm.add_argument(
         "--max-requeues",
         type=int,

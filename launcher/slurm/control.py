@@ -98,7 +98,6 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     attempts = record.get("attempts", [])
     cost = job_costs(jobs)
     if cost["attempts"]:
-        record["cost"] = cost
         try:
             update_launch(run_dir, cost=cost)
         except OSError:
@@ -113,7 +112,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "loss": last.get("loss"),
         "restarts": sum(1 for a in attempts if a.get("outcome") == "requeued"),
         "last_error": record.get("last_error"),
-        "cost": record.get("cost", cost),
+        "cost": cost if cost["attempts"] else record.get("cost", cost),  # sacct, else what it said before
         "source_cost": source_cost(run_dir),
     }
 
