@@ -56,6 +56,11 @@ STATE_FIELDS: tuple[str, ...] = (
 # mixed: even episodes the heuristic pilot (it flies to the pad and lands), odd ones random
 # actions (they mostly fall and crash): together more varied states than either.
 AGENTS: tuple[str, ...] = ("random", "heuristic", "mixed")
+# Where the screen's edges are in the state's units. gymnasium's x is the lander's offset from the
+# centre over half the width; y is its height above the pad's legs-down level (a quarter of the
+# screen's height plus 18/30 m) over half the height, the screen being 400/30 m high.
+SCREEN_X = (-1.0, 1.0)
+SCREEN_Y = (-(400 / 30 / 4 + 18 / 30) / (400 / 30 / 2), (400 / 30 * 3 / 4 - 18 / 30) / (400 / 30 / 2))  # -0.59, 1.41
 MIN_SIZE = 64
 SIZE_STEP = 16
 
@@ -561,10 +566,10 @@ class LunarLanderFrames:
         return int(self._arrays["episodes"][i])
 
     def on_screen_mask(self) -> np.ndarray:
-        """True for frames whose lander is on screen (-1 <= x <= 1 and -0.5 <= y <= 1.5)."""
+        """True for frames whose lander's centre is on screen (``SCREEN_X``, ``SCREEN_Y``, inclusive)."""
         x = self.states[:, 0]
         y = self.states[:, 1]
-        return (x >= -1) & (x <= 1) & (y >= -0.5) & (y <= 1.5)
+        return (x >= SCREEN_X[0]) & (x <= SCREEN_X[1]) & (y >= SCREEN_Y[0]) & (y <= SCREEN_Y[1])
 
     def split_by_episode(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
         """Frame indices of (first episodes, last `fraction` of episodes); no episode is in both.
