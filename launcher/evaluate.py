@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader
 from launcher.data import DataConfig, open_dataset
 from launcher.data.sampling import SeededDataset, collate
 from launcher.data.transforms import build_transform
+from launcher.errors import ConfigError
 from launcher.scores import r2_from_sums
 
 
@@ -31,19 +33,32 @@ class EvalConfig:
     data: DataConfig | None = None
     every_epochs: int = 0  # also evaluate every this many epochs; 0: only at the end
     batch_size: int = 256  # per process
+    # LunarLander: score only the frames whose lander's centre is on screen, as the probe does; a
+    # frame of a lander that has flown off the top shows nothing to say where it is.
+    on_screen_only: bool = False
 
     def __post_init__(self) -> None:
         if self.every_epochs < 0 or self.batch_size <= 0:
             raise ValueError("eval.every_epochs must be >= 0 and eval.batch_size > 0")
 
 
-def build_eval_loader(data: DataConfig, img_size: int, batch_size: int, rank: int, world_size: int) -> DataLoader:
+def build_eval_loader(cfg: EvalConfig, img_size: int, rank: int, world_size: int) -> DataLoader:
+    data = cfg.data
     base = open_dataset(data, img_size)
+    indices = np.arange(len(base))
+    if cfg.on_screen_only:
+        frames = getattr(base, "frames", None)  # LunarLander's arrays
+        if frames is None:
+            raise ConfigError(
+                f"eval.on_screen_only is for LunarLander frames, and the evaluation set is {data.name!r}; "
+                "remove eval.on_screen_only"
+            )
+        indices = indices[frames.on_screen_mask()]
     dataset = SeededDataset(base, build_transform(data, img_size, train=False), seed=0)
-    keys = [(index, 0) for index in range(rank, len(base), world_size)]
+    keys = [(int(index), 0) for index in indices[rank::world_size]]
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=cfg.batch_size,
         sampler=keys,
         num_workers=data.num_workers,
         collate_fn=collate,

@@ -260,7 +260,7 @@ class Trainer:
                     )
                 try:
                     self.eval_loader = build_eval_loader(
-                        cfg.eval.data, cfg.method.img_size, cfg.eval.batch_size, acc.process_index, acc.num_processes
+                        cfg.eval, cfg.method.img_size, acc.process_index, acc.num_processes
                     )
                 except DataError as e:
                     raise DataError(f"evaluation set (eval.data, the keys that differ from data): {e}") from None
