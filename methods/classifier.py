@@ -48,7 +48,8 @@ class ClassifierConfig(TokenReductionConfig, ViTConfig):
     finetune`` fills it in), ``pretrained_encoder`` picks PCAE's student or EMA teacher.
     Pooling: ``avg`` (patch-token mean + LayerNorm), ``cls`` (the normalised cls token), or
     ``grid`` (normalised patch tokens averaged over ``pool_grid`` x ``pool_grid`` cells,
-    concatenated, which keeps where things are, e.g. for LunarLander's position).
+    concatenated, which keeps where things are, e.g. for LunarLander's position; ``pool_grid: 0``
+    is one cell per patch, a head on every patch token).
     Token reduction (``TokenReductionConfig``) is off by default (keep ratio 1).
     """
 
@@ -61,7 +62,7 @@ class ClassifierConfig(TokenReductionConfig, ViTConfig):
     target_mean: tuple[float, ...] = ()
     target_std: tuple[float, ...] = ()
     pool: Pooling = "avg"
-    pool_grid: int = 2
+    pool_grid: int = 2  # 0: one cell per patch
     drop_path: float = 0.1
     freeze_encoder: bool = False
     head_batchnorm: bool = False  # a BatchNorm1d without affine before the head (MAE's linear probe)
@@ -86,8 +87,11 @@ class ClassifierConfig(TokenReductionConfig, ViTConfig):
                     raise ValueError(f"{key} needs one value per target column ({len(self.targets)}), or none")
             if any(s <= 0 for s in self.target_std):
                 raise ValueError("target_std values must be > 0")
-        if self.pool_grid < 1 or self.num_patches_side % self.pool_grid:
-            raise ValueError(f"pool_grid {self.pool_grid} must divide the {self.num_patches_side} patches per side")
+        if self.pool_grid < 0 or self.num_patches_side % self.pool_cells_side:
+            raise ValueError(
+                f"pool_grid {self.pool_grid} must divide the {self.num_patches_side} patches per side "
+                "(0: one cell per patch)"
+            )
         if self.token_counts[-1] < 1:
             raise ValueError(
                 f"token reduction leaves no patch tokens ({' -> '.join(map(str, self.token_counts))}); "
@@ -99,6 +103,11 @@ class ClassifierConfig(TokenReductionConfig, ViTConfig):
     @property
     def num_outputs(self) -> int:
         return self.num_classes if self.task == "classification" else len(self.targets)
+
+    @property
+    def pool_cells_side(self) -> int:
+        """Cells per side of grid pooling."""
+        return self.pool_grid or self.num_patches_side
 
     @property
     def token_counts(self) -> tuple[int, ...]:
@@ -142,7 +151,7 @@ class ViTClassifier(nn.Module):
         if cfg.pool == "avg":  # the mean patch token goes through fc_norm instead of the final norm (MAE)
             self.encoder.norm = nn.Identity()
         self.fc_norm = LayerNorm(width) if cfg.pool == "avg" else nn.Identity()
-        features = width * (cfg.pool_grid**2 if cfg.pool == "grid" else 1)
+        features = width * (cfg.pool_cells_side**2 if cfg.pool == "grid" else 1)
         linear = nn.Linear(features, cfg.num_outputs)
         nn.init.trunc_normal_(linear.weight, std=cfg.head_init_std)
         nn.init.zeros_(linear.bias)
@@ -239,7 +248,7 @@ class ViTClassifier(nn.Module):
         patches = x[:, enc.num_prefix_tokens :]
         if cfg.pool == "avg":
             return self.fc_norm(patches.mean(dim=1))
-        return grid_pool(patches, cfg.num_patches_side, cfg.pool_grid, ids)
+        return grid_pool(patches, cfg.num_patches_side, cfg.pool_cells_side, ids)
 
     @property
     def features_frozen(self) -> bool:

@@ -124,3 +124,20 @@ def test_regression_head_learns_standardised_targets_and_predicts_in_label_units
         torch.testing.assert_close(loss, ((raw - standardised) ** 2).mean())
     with pytest.raises(ValueError, match="target_std needs one value per target column"):
         LinearProbeConfig(**TINY, task="regression", targets=(0, 1), target_std=(1.0,))
+
+
+def test_pool_grid_0_is_one_cell_per_patch_at_any_image_size() -> None:
+    images = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    per_patch = build_method(ClassifierConfig(**TINY, num_classes=3, pool="grid", pool_grid=0)).eval()
+    torch.manual_seed(0)
+    four = build_method(ClassifierConfig(**TINY, num_classes=3, pool="grid", pool_grid=4)).eval()  # 4 x 4 patches
+    encoder = per_patch.encoder
+    with torch.no_grad():
+        features = per_patch.features(images)
+        torch.testing.assert_close(features, four.features(images))
+        tokens = encoder.forward_tokens(encoder.prepend_cls(encoder.patch_embed(images)) + per_patch.pos_embed)
+    assert features.shape == (2, 16 * encoder.embed_dim)
+    torch.testing.assert_close(features, tokens[:, encoder.num_prefix_tokens :].flatten(1))
+    with pytest.raises(ValueError, match="must divide the 4 patches per side"):
+        ClassifierConfig(**TINY, pool="grid", pool_grid=3)
