@@ -368,10 +368,10 @@ def cmd_downstream(args: argparse.Namespace) -> int:
                 f"{args.source} is a {args.command} run, not a pretrained encoder; add --eval-only "
                 f"to evaluate it, or pass --run-dir {args.source} with its original command to resume it"
             )
-        if args.cluster or args.overrides or args.experiment:
+        if args.cluster or args.overrides or args.experiment or args.keep_ratio is not None or args.encoder:
             raise ConfigError(
-                "--eval-only of a run uses its recorded config on this machine; drop --cluster, "
-                "--experiment and the KEY=VALUE overrides"
+                "--eval-only of a run uses its recorded config on this machine, keep ratio and encoder "
+                "included; drop --cluster, --experiment, --keep-ratio, --encoder and the KEY=VALUE overrides"
             )
         return print_evaluation(experiment_from_dict(source.run_config), args.source)
     if args.eval_only and args.cluster:

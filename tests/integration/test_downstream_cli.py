@@ -46,6 +46,10 @@ def test_pretrain_then_downstream_then_evaluate_from_the_cli(
     capsys.readouterr()
     assert main([command, str(out), "--eval-only"]) == 0
     assert f"acc1 {trained['acc1']:.4g}" in capsys.readouterr().out
+    recorded = (out / "eval.json").read_text()
+    assert main([command, str(out), "--eval-only", "--keep-ratio", "0.5"]) == 2  # not silently ignored
+    assert "keep ratio and encoder included" in capsys.readouterr().err
+    assert (out / "eval.json").read_text() == recorded
     if command == "linprobe":  # the frozen encoder is the pretraining run's EMA teacher
         from safetensors.torch import load_file
 
