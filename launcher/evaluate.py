@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from launcher.data import DataConfig, open_dataset
+from launcher.data.lunarlander import on_screen_indices
 from launcher.data.sampling import SeededDataset, collate
 from launcher.data.transforms import build_transform
-from launcher.errors import ConfigError
 from launcher.scores import r2_from_sums
 
 
@@ -45,15 +45,7 @@ class EvalConfig:
 def build_eval_loader(cfg: EvalConfig, img_size: int, rank: int, world_size: int) -> DataLoader:
     data = cfg.data
     base = open_dataset(data, img_size)
-    indices = np.arange(len(base))
-    if cfg.on_screen_only:
-        frames = getattr(base, "frames", None)  # LunarLander's arrays
-        if frames is None:
-            raise ConfigError(
-                f"eval.on_screen_only is for LunarLander frames, and the evaluation set is {data.name!r}; "
-                "remove eval.on_screen_only"
-            )
-        indices = indices[frames.on_screen_mask()]
+    indices = on_screen_indices(base, "eval.on_screen_only") if cfg.on_screen_only else np.arange(len(base))
     dataset = SeededDataset(base, build_transform(data, img_size, train=False), seed=0)
     keys = [(int(index), 0) for index in indices[rank::world_size]]
     return DataLoader(

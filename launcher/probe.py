@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.data import DataConfig, open_dataset
+from launcher.data.lunarlander import on_screen_indices
 from launcher.data.transforms import build_transform
 from launcher.embeddings import Encode, embed_dataset
 from launcher.scores import r2_score
@@ -174,9 +175,8 @@ class ProbeSet:
         self.dataset = open_dataset(cfg.data, img_size)
         self.transform = build_transform(cfg.data, img_size, train=False)
         frames = getattr(self.dataset, "frames", None)  # LunarLander's arrays
-        keep = np.arange(len(self.dataset))
-        if cfg.on_screen_only and frames is not None:
-            keep = keep[frames.on_screen_mask()]
+        on_screen = cfg.on_screen_only and frames is not None  # the default, harmless on other sets
+        keep = on_screen_indices(self.dataset, "probe.on_screen_only") if on_screen else np.arange(len(self.dataset))
         if cfg.num_samples and len(keep) > cfg.num_samples:
             keep = keep[np.linspace(0, len(keep) - 1, cfg.num_samples).astype(int)]
         self.indices = keep

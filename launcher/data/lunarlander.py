@@ -57,10 +57,11 @@ STATE_FIELDS: tuple[str, ...] = (
 # actions (they mostly fall and crash): together more varied states than either.
 AGENTS: tuple[str, ...] = ("random", "heuristic", "mixed")
 # Where the screen's edges are in the state's units. gymnasium's x is the lander's offset from the
-# centre over half the width; y is its height above the pad's legs-down level (a quarter of the
-# screen's height plus 18/30 m) over half the height, the screen being 400/30 m high.
+# centre over half the width; y is its height above the pad's legs-down level over half the height.
+_SCREEN_HEIGHT = 400 / 30  # VIEWPORT_H / SCALE, in metres
+_PAD_LEVEL = _SCREEN_HEIGHT / 4 + 18 / 30  # helipad_y + LEG_DOWN / SCALE
 SCREEN_X = (-1.0, 1.0)
-SCREEN_Y = (-(400 / 30 / 4 + 18 / 30) / (400 / 30 / 2), (400 / 30 * 3 / 4 - 18 / 30) / (400 / 30 / 2))  # -0.59, 1.41
+SCREEN_Y = (-_PAD_LEVEL / (_SCREEN_HEIGHT / 2), (_SCREEN_HEIGHT - _PAD_LEVEL) / (_SCREEN_HEIGHT / 2))  # -0.59, 1.41
 MIN_SIZE = 64
 SIZE_STEP = 16
 
@@ -592,6 +593,17 @@ class LunarLanderFrames:
 
 
 # ----------------------------------------------------------------------------- as a registered data set
+
+
+def on_screen_indices(dataset: BaseDataset, setting: str) -> np.ndarray:
+    """Indices of the frames of a LunarLander set whose lander is on screen.
+
+    ``setting`` names the option that asked, for the error on a set of another kind.
+    """
+    frames = getattr(dataset, "frames", None)  # LunarLander's arrays
+    if frames is None:
+        raise ConfigError(f"{setting} is for LunarLander frames, and this data set is not; remove {setting}")
+    return np.flatnonzero(frames.on_screen_mask())
 
 
 def frame_size_for(img_size: int) -> int:

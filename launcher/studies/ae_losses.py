@@ -188,13 +188,12 @@ def trial_experiment(sweep: SweepConfig, trial: dict[str, Any]) -> ExperimentCon
 
 def embed_set(model, data: DataConfig, spec: SweepDataset) -> tuple[np.ndarray, np.ndarray, Any]:
     """μ embeddings and labels (every column) of a whole set, no augmentation; (data set, kept indices)."""
+    from launcher.data.lunarlander import on_screen_indices
     from launcher.data.transforms import build_transform
     from launcher.embeddings import embed_dataset
 
     base = open_dataset(data, spec.img_size)
-    keep = np.arange(len(base))
-    if spec.on_screen_only:
-        keep = keep[base.frames.on_screen_mask()]
+    keep = on_screen_indices(base, "on_screen_only") if spec.on_screen_only else np.arange(len(base))
     model.eval()
     x, y = embed_dataset(
         model.embed, base, build_transform(data, spec.img_size, train=False), keep, next(model.parameters()).device
