@@ -119,9 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_slurm.add_argument("--partition", help="SLURM partition")
     sweep_slurm.add_argument("--time", help="time limit: minutes, H:MM:SS or D-HH:MM:SS")
 
-    study = commands.add_parser("study", help="PCAE against MAE at equal wall time: probe quality vs cost")
-    study.add_argument("study", choices=["pcae-vs-mae"], help="the study to run")
-    study.add_argument("--experiment", help="study file or shipped name (default: study/pcae_vs_mae_local)")
+    study = commands.add_parser("study", help="contenders (PCAE vs MAE, ablations) at equal cost: probe quality")
+    study.add_argument(
+        "study",
+        choices=["pcae-vs-mae", "compare"],
+        help="pcae-vs-mae: the shipped PCAE-vs-MAE study; compare: the contenders of --experiment",
+    )
+    study.add_argument(
+        "--experiment", help="study file or shipped name (default for pcae-vs-mae: study/pcae_vs_mae_local)"
+    )
     study.add_argument("--budget", help="wall time of each pretraining run, e.g. 90s, 5m (default: the file's)")
     study.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
     study.add_argument("--study-dir", type=Path, help="where the study lives (default runs/study/NAME)")
@@ -613,10 +619,15 @@ def cmd_study(args: argparse.Namespace) -> int:
     from launcher.studies import pcae_vs_mae
 
     check_placement(args)
+    if args.study == "compare" and not args.experiment:
+        raise ConfigError(
+            "launch study compare needs --experiment: a study file naming its contenders "
+            "(`launch experiments` lists the shipped ones under study/)"
+        )
     experiment = find_experiment(args.experiment or "study/pcae_vs_mae_local")
     cfg = pcae_vs_mae.load_study(experiment)
-    if args.budget:
-        cfg = dataclasses.replace(cfg, budget_s=pcae_vs_mae.parse_budget(args.budget))
+    if args.budget:  # a wall-time budget replaces the file's, and its equal-steps budget if it has one
+        cfg = dataclasses.replace(cfg, budget_s=pcae_vs_mae.parse_budget(args.budget), steps=0)
     if args.seeds:
         cfg = dataclasses.replace(cfg, seeds=pcae_vs_mae.parse_seeds(args.seeds))
     if args.cluster:
@@ -631,7 +642,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     resuming = study.check()
     print(
         f"study {cfg.name} from {experiment} in {study.directory}{' (resuming)' if resuming else ''}: "
-        f"{len(cfg.seeds)} seeds x 2 methods x {cfg.budget_s:.0f} s of training each",
+        f"{len(cfg.seeds)} seeds x {len(cfg.contenders)} contenders x "
+        + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.budget_s:.0f} s of training")
+        + " each",
         flush=True,
     )
     if args.dry_run:

@@ -22,13 +22,12 @@ import torch
 from launcher import sources
 from launcher.config import build_dataclass, read_yaml
 from launcher.data import prepare
-from launcher.embeddings import pooled_patch_tokens
 from launcher.experiment import ExperimentConfig, load_experiment
 from launcher.local import STOP_SIGNALS, run_training
 from launcher.probe import ProbeConfig, ProbeSet, describe, target_names
 from launcher.runs import CONFIG, describe_eval, read_eval, resume_note
 from launcher.shipped import experiment_label, find_experiment, shipped_experiment
-from launcher.stopping import signals_interrupt
+from launcher.stopping import Interrupted, signals_interrupt
 from methods import build_method
 
 
@@ -38,6 +37,22 @@ class DemoConfig:
 
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     linprobe: str = "linprobe/local"  # a shipped experiment, or a path
+    # The seeds' spread of the gain, as a study measured it (0: unknown), and where that was.
+    spread: float = 0.0
+    spread_note: str = "the spread over seeds is unmeasured"
+
+
+def verdict(gain: float, spread: float) -> str:
+    """One sentence a newcomer reads: did pretraining help the probe, given the seeds' spread?"""
+    if spread <= 0:
+        return (
+            "Pretraining helped the probe." if gain > 0 else "Pretraining did not help the probe."
+        ) + " (No spread over seeds is known, so a small difference may be chance.)"
+    if gain > 2 * spread:
+        return "Pretraining helped: the encoder reads the lander's state better than its random initialisation."
+    if gain < -2 * spread:
+        return "Pretraining made the encoder worse than its random initialisation at reading the lander's state."
+    return "Pretraining made no clear difference: the gain is within twice the spread over seeds."
 
 
 def load_demo(path: Path | None = None) -> DemoConfig:
@@ -61,30 +76,44 @@ def run_demo(cfg: ExperimentConfig, experiment: Path, run_dir: Path, resuming: b
     out.write(f"finished {result.step} steps in {run_dir} ({result.train_seconds:.0f} s of training)\n")
     if not trainer.accelerator.is_main_process:
         return 0
+    try:
+        with signals_interrupt(STOP_SIGNALS):  # no step boundary while probing: a signal stops it at once
+            probe_encoders(cfg, demo, trainer, result, run_dir, out)
+    except Interrupted as e:
+        out.write(f"{e} while probing; the pretraining run is kept. Run the same command to probe again.\n")
+        return 0
+    linear_probe(run_dir, find_experiment(demo.linprobe), out)
+    return 0
+
+
+def probe_encoders(cfg: ExperimentConfig, demo: DemoConfig, trainer, result, run_dir: Path, out: TextIO) -> None:
+    """The cheap probe of the trained encoder, its random initialisation and raw pixels, into ``RUN/probe.json``."""
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     device = next(trained.parameters()).device
     torch.manual_seed(cfg.train.seed)  # the same initialisation the run started from
     initial = build_method(cfg.method).to(device).eval()
     probe = ProbeSet(demo.probe, cfg.method.img_size)
-    grid = demo.probe.grid
     scores = {
-        f"{cfg.method.name} after {result.step} steps": probe.score(pooled_patch_tokens(trained, grid), device),
-        "same encoder, random init": probe.score(pooled_patch_tokens(initial, grid), device),
+        f"{cfg.method.name} after {result.step} steps": probe.score(probe.encoder(trained), device),
+        "same encoder, random init": probe.score(probe.encoder(initial), device),
         f"raw pixels ({demo.probe.pixels}x{demo.probe.pixels})": probe.score_pixels(),
     }
-    (run_dir / "probe.json").write_text(json.dumps({k: v.to_dict(probe.names) for k, v in scores.items()}, indent=2))
+    tmp = run_dir / ".probe.json.tmp"
+    tmp.write_text(json.dumps({k: v.to_dict(probe.names) for k, v in scores.items()}, indent=2))
+    tmp.replace(run_dir / "probe.json")  # never half a file
     trained_score, initial_score = list(scores.values())[:2]
     episodes = len(np.unique(np.asarray(probe.dataset.frames.episodes)[probe.indices]))
     headline = ", ".join(probe.names[t] for t in demo.probe.headline)
+    gain = trained_score.mean - initial_score.mean
     out.write(
-        f"\nProbe of the frozen encoder: ridge regression on its patch tokens averaged over {grid}x{grid} cells, "
-        f"for {len(probe.indices)} frames of {episodes} episodes it never saw ({demo.probe.data.root}); R² of "
-        f"predictions of each frame by a probe fit on other episodes ({demo.probe.num_folds} folds):\n"
+        f"\nProbe of the frozen encoder: ridge regression on {demo.probe.describe_readout()}, for "
+        f"{len(probe.indices)} frames of {episodes} episodes it never saw ({demo.probe.data.root}); R² of "
+        f"predictions of each frame by a probe fit on other episodes ({demo.probe.num_folds} folds). Targets "
+        f"after the bar are rates of change, which no single frame shows:\n"
         f"{describe(scores, probe.names, demo.probe.headline)}\n"
-        f"gain from pretraining: {trained_score.mean - initial_score.mean:+.3f} mean R² over {headline}\n"
+        f"gain from pretraining: {gain:+.3f} mean R² over {headline} (one seed; {demo.spread_note})\n"
+        f"{verdict(gain, demo.spread)}\n"
     )
-    linear_probe(run_dir, find_experiment(demo.linprobe), out)
-    return 0
 
 
 def linear_probe(run_dir: Path, experiment: Path, out: TextIO) -> None:
@@ -101,6 +130,9 @@ def linear_probe(run_dir: Path, experiment: Path, out: TextIO) -> None:
     )
     out.flush()
     _, result = run_training(cfg, probe_dir)
+    if not result.finished:
+        out.write(f"stopped at step {result.step}/{result.total_steps}; run the same command to finish the probe\n")
+        return
     out.write(f"finished {result.step} steps in {probe_dir}\n")
     record = read_eval(probe_dir)
     if record is not None and "r2" in record:

@@ -6,31 +6,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from launcher.data import BaseDataset
 from launcher.data.sampling import SeededDataset, sample_seeds
-from methods.vit import grid_pool
 
 Encode = Callable[[Tensor], Tensor]  # images [B, C, H, W] -> embeddings [B, D]
-
-
-def pooled_patch_tokens(model: nn.Module, grid: int, tokens: Encode | None = None) -> Encode:
-    """Patch tokens (``model.patch_tokens``, or ``tokens``) averaged over ``grid x grid`` cells.
-
-    Cells keep where things are (LunarLander's lander), which a global mean forgets. With
-    ``grid`` 0 the model's own ``embed()``.
-    """
-    if grid == 0:
-        return model.embed
-    tokens = tokens or model.patch_tokens
-
-    def encode(images: Tensor) -> Tensor:
-        patches = tokens(images)
-        return grid_pool(patches, round(patches.shape[1] ** 0.5), grid)
-
-    return encode
 
 
 @torch.no_grad()

@@ -3,9 +3,13 @@
 How well a linear map of an encoder's embeddings predicts what it never trained on is the
 measure of quality the demo and the studies share. The probe set is a data set the encoder
 never saw (other episodes, another generation seed). Embeddings are computed once, without
-augmentation. The set is cut into folds by group (LunarLander: whole episodes, so near-identical
-neighbouring frames never straddle a split); ridge regression is solved in closed form for every
-penalty of a grid from one eigendecomposition; the penalty is chosen per target by how well it
+augmentation. By default the probe reads every patch token of the encoder (``readout: tokens``):
+a LunarLander lander fills about one patch, and only a readout that keeps each token can say
+where it is (tokens averaged over 2 x 2 cells, or raw pixels through a linear map, cannot). The
+set is cut into folds by group (LunarLander: whole episodes, so near-identical neighbouring
+frames never straddle a split); ridge regression is solved in closed form for every penalty of a
+grid from one eigendecomposition (of the samples' Gram matrix when there are more features than
+samples: 64 tokens x 192 features for a few thousand frames); the penalty is chosen per target by how well it
 predicts the other folds, and the probe then predicts the held-out fold. Every sample is
 predicted once by a probe that never saw its episode: the R² of those predictions, per target. The same
 probe runs on raw pixels and on the encoder at its random initialisation, so a gain from
@@ -26,8 +30,10 @@ from launcher.data.lunarlander import on_screen_indices
 from launcher.data.transforms import build_transform
 from launcher.embeddings import Encode, embed_dataset
 from launcher.scores import r2_score
+from methods.vit import grid_pool
 
 RIDGE_PENALTIES = tuple(10.0**k for k in range(-2, 7))
+READOUTS = ("tokens", "cells", "embed")
 
 
 @dataclass
@@ -36,8 +42,13 @@ class ProbeConfig:
 
     data: DataConfig = field(default_factory=DataConfig)  # frames the encoder never trained on
     targets: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)  # label columns (LunarLander: its 8 state values)
-    headline: tuple[int, ...] = (0, 1, 2, 3, 4)  # the columns of the headline mean (x, y, vx, vy, angle)
-    grid: int = 4  # patch tokens averaged over grid x grid cells (0: the method's embed())
+    # The columns of the headline mean: what one frame shows (LunarLander: x, y, angle). A
+    # velocity cannot be read from a single frame by any encoder; it is reported apart.
+    headline: tuple[int, ...] = (0, 1, 4)
+    # What the ridge reads: "tokens", every patch token (it can say where a one-patch object is);
+    # "cells", the tokens averaged over grid x grid cells; "embed", the method's embed().
+    readout: str = "tokens"
+    grid: int = 2  # the cells of readout "cells"
     pixels: int = 32  # the raw-pixel baseline: the image resized to pixels x pixels
     num_folds: int = 5  # cross-validation over groups (episodes): every sample is scored once, held out
     on_screen_only: bool = True  # LunarLander: leave out frames whose lander has left the screen
@@ -48,8 +59,18 @@ class ProbeConfig:
             raise ValueError("probe.targets must list label columns and probe.headline a subset of them")
         if self.num_folds < 3:
             raise ValueError("probe.num_folds must be >= 3 (one held out, the penalty chosen on the others)")
-        if self.grid < 0 or self.pixels <= 0 or self.num_samples < 0:
-            raise ValueError("probe.grid and probe.num_samples must be >= 0, probe.pixels > 0")
+        if self.readout not in READOUTS:
+            raise ValueError(f"probe.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
+        if self.grid < 1 or self.pixels <= 0 or self.num_samples < 0:
+            raise ValueError("probe.grid and probe.pixels must be >= 1, probe.num_samples >= 0")
+
+    def describe_readout(self) -> str:
+        """How the probe reads an encoder, in words."""
+        return {
+            "tokens": "every patch token",
+            "cells": f"patch tokens averaged over {self.grid}x{self.grid} cells",
+            "embed": "the method's embedding",
+        }[self.readout]
 
 
 @dataclass
@@ -79,64 +100,90 @@ def episode_folds(groups: np.ndarray, num_folds: int) -> list[np.ndarray]:
     return [np.flatnonzero(np.isin(groups, block)) for block in np.array_split(ids, num_folds)]
 
 
-def ridge_predictions(
-    train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, penalties: tuple[float, ...]
-) -> list[np.ndarray]:
-    """Ridge predictions for ``x`` at every penalty, from one eigendecomposition.
+class FoldRidge:
+    """Ridge regression of ``y`` on ``x`` fit on any union of folds, at every penalty of a grid.
 
-    Features are centred on the training set and divided by one common scale (their root-mean-
-    square spread), not each by its own: a feature that barely varies in training (a pixel the
-    lander seldom crosses) would otherwise be blown up wherever it does vary. With more features
-    than samples the dual (kernel) form is solved instead of the primal.
+    Each fit costs one eigendecomposition, kept for the other fits on the same training folds
+    (a nested cross-validation asks for each pair of held-out folds twice). With more features
+    than samples (every patch token of a ViT: 64 x 192 features for a few thousand frames) the
+    fit is solved in kernel form, from the samples' Gram matrix computed once; otherwise in the
+    primal. Features are centred on the training folds and divided by one common scale (their
+    root-mean-square spread), not each by its own: a feature that barely varies in training (a
+    pixel the lander seldom crosses) would otherwise be blown up wherever it does vary.
     """
-    mean = train_x.mean(0)
-    scale = float(np.sqrt(((train_x - mean) ** 2).mean())) or 1.0
-    a, b = (train_x - mean) / scale, (x - mean) / scale
-    bias = train_y.mean(0)
-    centred = train_y - bias
-    if a.shape[1] <= a.shape[0]:
-        eigenvalues, vectors = np.linalg.eigh(a.T @ a)
-        projected, mapped = vectors.T @ (a.T @ centred), b @ vectors
-    else:
-        eigenvalues, vectors = np.linalg.eigh(a @ a.T)
-        projected, mapped = vectors.T @ centred, (b @ a.T) @ vectors
-    eigenvalues = np.clip(eigenvalues, 0.0, None)
-    return [mapped @ (projected / (eigenvalues + penalty)[:, None]) + bias for penalty in penalties]
 
+    def __init__(self, x: np.ndarray, y: np.ndarray, penalties: tuple[float, ...] = RIDGE_PENALTIES) -> None:
+        # A shift of every sample by one vector changes no centred fit: centre once on all samples
+        # so that the Gram matrix of float32 embeddings (kept in float32: half the time) keeps its
+        # precision.
+        x = np.asarray(x)
+        x = x.astype(np.float32 if x.dtype == np.float32 else np.float64, copy=False)
+        x = x - x.mean(0, dtype=np.float64).astype(x.dtype)
+        self.kernel = x.shape[1] > x.shape[0]
+        self.x = x.astype(np.float64) if not self.kernel else None
+        self.gram = (x @ x.T).astype(np.float64) if self.kernel else None
+        self.num_features = x.shape[1]
+        self.y = np.asarray(y, dtype=np.float64)
+        self.penalties = penalties
+        self._fits: dict[tuple[int, ...], tuple] = {}
 
-def out_of_fold_predictions(
-    x: np.ndarray, y: np.ndarray, folds: list[np.ndarray], penalties: tuple[float, ...]
-) -> list[np.ndarray]:
-    """Per penalty, every sample of ``folds`` predicted by ridge fit on the other folds (in fold order)."""
-    per_fold = [
-        ridge_predictions(
-            x[np.concatenate([f for j, f in enumerate(folds) if j != k])],
-            y[np.concatenate([f for j, f in enumerate(folds) if j != k])],
-            x[fold],
-            penalties,
+    def predict(self, train: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+        """Per penalty, predictions for samples ``rows`` of ridge fit on samples ``train``."""
+        key = tuple(train.tolist())
+        if key not in self._fits:
+            self._fits[key] = self._fit(train)
+        eigenvalues, projected, bias, mapping = self._fits[key]
+        mapped = mapping(rows)
+        return [mapped @ (projected / (eigenvalues + penalty)[:, None]) + bias for penalty in self.penalties]
+
+    def _fit(self, train: np.ndarray) -> tuple:
+        bias = self.y[train].mean(0)
+        centred = self.y[train] - bias
+        if self.kernel:
+            block = self.gram[np.ix_(train, train)]
+            means, total = block.mean(1), block.mean()
+            block = block - means[:, None] - means[None, :] + total  # Gram of features centred on ``train``
+            scale2 = float(np.trace(block)) / (len(train) * self.num_features) or 1.0
+            eigenvalues, vectors = np.linalg.eigh(block / scale2)
+            projected = vectors.T @ centred
+
+            def mapping(rows: np.ndarray) -> np.ndarray:
+                cross = self.gram[np.ix_(rows, train)]
+                cross = cross - cross.mean(1, keepdims=True) - means[None, :] + total
+                return (cross / scale2) @ vectors
+
+        else:
+            a = self.x[train]
+            mean = a.mean(0)
+            scale = float(np.sqrt(((a - mean) ** 2).mean())) or 1.0
+            a = (a - mean) / scale
+            eigenvalues, vectors = np.linalg.eigh(a.T @ a)
+            projected = vectors.T @ (a.T @ centred)
+
+            def mapping(rows: np.ndarray) -> np.ndarray:
+                return ((self.x[rows] - mean) / scale) @ vectors
+
+        return np.clip(eigenvalues, 0.0, None), projected, bias, mapping
+
+    def choose_penalties(self, folds: list[np.ndarray]) -> np.ndarray:
+        """Per column of ``y``, the penalty whose predictions of each fold, fit on the others, score best.
+
+        Each column gets its own: a penalty that suits a signal would overfit a column the
+        features cannot predict, which would then score far below 0 instead of about 0.
+        """
+        per_fold = [self.predict(np.concatenate(folds[:k] + folds[k + 1 :]), fold) for k, fold in enumerate(folds)]
+        targets = self.y[np.concatenate(folds)]
+        scores = np.stack(
+            [r2_score(targets, np.concatenate([f[p] for f in per_fold])) for p in range(len(self.penalties))]
         )
-        for k, fold in enumerate(folds)
-    ]
-    return [np.concatenate([fold[p] for fold in per_fold]) for p in range(len(penalties))]
+        best = np.nanargmax(np.nan_to_num(scores, nan=-np.inf), axis=0)
+        return np.array([self.penalties[i] for i in best])
 
-
-def choose_penalties(x: np.ndarray, y: np.ndarray, folds: list[np.ndarray]) -> np.ndarray:
-    """Per column of ``y``, the penalty whose out-of-fold predictions over ``folds`` score best.
-
-    Each column gets its own: a penalty that suits a signal would overfit a column the features
-    cannot predict, which would then score far below 0 instead of about 0.
-    """
-    targets = y[np.concatenate(folds)]
-    scores = np.stack([r2_score(targets, p) for p in out_of_fold_predictions(x, y, folds, RIDGE_PENALTIES)])
-    best = np.nanargmax(np.nan_to_num(scores, nan=-np.inf), axis=0)
-    return np.array([RIDGE_PENALTIES[i] for i in best])
-
-
-def predict_with(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, penalties: np.ndarray) -> np.ndarray:
-    """Ridge predictions for ``x``, each column of ``train_y`` with its own penalty."""
-    options = sorted(set(penalties.tolist()))
-    fits = dict(zip(options, ridge_predictions(train_x, train_y, x, tuple(options))))
-    return np.stack([fits[penalty][:, column] for column, penalty in enumerate(penalties.tolist())], axis=1)
+    def predict_with(self, train: np.ndarray, rows: np.ndarray, penalties: np.ndarray) -> np.ndarray:
+        """Predictions for ``rows`` of ridge fit on ``train``, each column of ``y`` with its own penalty."""
+        fits = self.predict(train, rows)
+        index = {p: i for i, p in enumerate(self.penalties)}
+        return np.stack([fits[index[p]][:, c] for c, p in enumerate(penalties.tolist())], axis=1)
 
 
 def cross_validated_probe(x: np.ndarray, y: np.ndarray, folds: list[np.ndarray]) -> np.ndarray:
@@ -148,23 +195,26 @@ def cross_validated_probe(x: np.ndarray, y: np.ndarray, folds: list[np.ndarray])
     few episodes were held out; choosing the penalty on several folds keeps it from hanging on
     one validation split.
     """
-    x, y = x.astype(np.float64), y.astype(np.float64)
+    ridge = FoldRidge(x, y)
     predictions = []
     for k, test in enumerate(folds):
-        inner = [f for j, f in enumerate(folds) if j != k]
-        train = np.concatenate(inner)
-        predictions.append(predict_with(x[train], y[train], x[test], choose_penalties(x, y, inner)))
-    return r2_score(y[np.concatenate(folds)], np.concatenate(predictions))
+        inner = folds[:k] + folds[k + 1 :]
+        predictions.append(ridge.predict_with(np.concatenate(inner), test, ridge.choose_penalties(inner)))
+    return r2_score(ridge.y[np.concatenate(folds)], np.concatenate(predictions))
+
+
+def held_out_predictions(x: np.ndarray, y: np.ndarray, folds: list[np.ndarray], test_x: np.ndarray) -> np.ndarray:
+    """Predictions for a separate test set ``test_x`` of ridge fit on ``x`` (penalties chosen over its ``folds``)."""
+    test = np.arange(len(x), len(x) + len(test_x))
+    ridge = FoldRidge(np.concatenate([x, test_x]), np.concatenate([y, np.zeros((len(test_x), *y.shape[1:]))]))
+    return ridge.predict_with(np.concatenate(folds), test, ridge.choose_penalties(folds))
 
 
 def held_out_probe(
     x: np.ndarray, y: np.ndarray, folds: list[np.ndarray], test_x: np.ndarray, test_y: np.ndarray
 ) -> np.ndarray:
     """R² per column on a separate test set, of ridge fit on ``x`` (penalties chosen over its ``folds``)."""
-    x, y = x.astype(np.float64), y.astype(np.float64)
-    fit = np.concatenate(folds)
-    prediction = predict_with(x[fit], y[fit], test_x.astype(np.float64), choose_penalties(x, y, folds))
-    return r2_score(test_y.astype(np.float64), prediction)
+    return r2_score(np.asarray(test_y, dtype=np.float64), held_out_predictions(x, y, folds, test_x))
 
 
 class ProbeSet:
@@ -185,6 +235,21 @@ class ProbeSet:
         self.folds = episode_folds(groups, cfg.num_folds)
         self.labels: np.ndarray | None = None
         self.names = target_names(cfg.data.name, cfg.targets)
+
+    def encoder(self, model: torch.nn.Module, tokens: Encode | None = None) -> Encode:
+        """How this probe reads ``model``: its patch tokens (``model.patch_tokens``, or ``tokens``), as configured."""
+        tokens = tokens or getattr(model, "patch_tokens", None)
+        if self.cfg.readout == "embed":
+            return model.embed
+        if self.cfg.readout == "tokens":
+            return lambda images: tokens(images).flatten(1)
+        grid = self.cfg.grid
+
+        def cells(images: torch.Tensor) -> torch.Tensor:
+            patches = tokens(images)
+            return grid_pool(patches, round(patches.shape[1] ** 0.5), grid)
+
+        return cells
 
     def score(self, encode: Encode, device: torch.device | str = "cpu") -> ProbeScore:
         """Embed every sample once with ``encode`` (eval mode), then the ridge probe."""
@@ -215,17 +280,34 @@ def target_names(dataset: str, targets: tuple[int, ...]) -> dict[int, str]:
     return {t: fields[t] if t < len(fields) else str(t) for t in targets}
 
 
+def is_motion(name: str) -> bool:
+    """Whether a target is a rate of change, which no single frame shows (LunarLander's velocities)."""
+    from launcher.data.lunarlander import MOTION_FIELDS
+
+    return name in MOTION_FIELDS
+
+
 def describe(scores: dict[str, ProbeScore], names: dict[int, str], headline: tuple[int, ...]) -> str:
-    """A table of test R², one row per encoder (or baseline), one column per target, then the mean."""
-    columns = list(next(iter(scores.values())).r2)
+    """A table of test R², one row per encoder (or baseline), one column per target, then the mean.
+
+    The targets one frame shows come first; rates of change, which no single frame shows, come
+    after a bar: an encoder of one frame can read them only from cues such as the engine's flame.
+    """
+    targets = list(next(iter(scores.values())).r2)
+    columns = [t for t in targets if not is_motion(names[t])] + ["|"] + [t for t in targets if is_motion(names[t])]
+    if columns[-1] == "|":
+        columns.pop()
     width = max(len(label) for label in scores) + 2
-    cell = {t: max(8, len(names[t])) + 2 for t in columns}  # every name fits with two spaces before it
+    cell = {t: max(8, len(names[t])) + 2 for t in targets}  # every name fits with two spaces before it
     mean_title = "mean of " + ",".join(names[t] for t in headline)
-    head = f"  {'':<{width}}" + "".join(f"{names[t]:>{cell[t]}}" for t in columns) + f"  {mean_title}"
-    rows = [head]
+
+    def row(label: str, cells: dict) -> str:
+        return f"  {label:<{width}}" + "".join("  |" if t == "|" else cells[t] for t in columns)
+
+    rows = [row("", {t: f"{names[t]:>{cell[t]}}" for t in targets}) + f"  {mean_title}"]
     for label, score in scores.items():
-        cells = "".join(f"{score.r2[t]:>{cell[t]}.3f}" for t in columns)
-        rows.append(f"  {label:<{width}}{cells}{score.mean:>{len(mean_title) + 2}.3f}")
+        values = {t: f"{score.r2[t]:>{cell[t]}.3f}" for t in targets}
+        rows.append(row(label, values) + f"{score.mean:>{len(mean_title) + 2}.3f}")
     return "\n".join(rows)
 
 

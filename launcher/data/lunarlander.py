@@ -53,6 +53,8 @@ STATE_FIELDS: tuple[str, ...] = (
     "left_leg_contact",
     "right_leg_contact",
 )
+# What no single frame shows: rates of change, which need two frames.
+MOTION_FIELDS: tuple[str, ...] = ("vx", "vy", "angular_velocity")
 # mixed: even episodes the heuristic pilot (it flies to the pad and lands), odd ones random
 # actions (they mostly fall and crash): together more varied states than either.
 AGENTS: tuple[str, ...] = ("random", "heuristic", "mixed")

@@ -244,7 +244,8 @@ class StudyWork(Work):
     def check(self, directory: Path, res: Resources) -> bool:
         from launcher.studies.pcae_vs_mae import Study
 
-        train, world = self.study.experiment_of("mae", self.study.seeds[0]).train, res.nodes * res.tasks_per_node
+        first = next(iter(self.study.contenders))
+        train, world = self.study.experiment_of(first, self.study.seeds[0]).train, res.nodes * res.tasks_per_node
         if train.global_batch_size % (train.micro_batch_size * world):
             raise ConfigError(
                 f"the study's train.global_batch_size ({train.global_batch_size}) is not a multiple "
@@ -261,9 +262,10 @@ class StudyWork(Work):
         return StudyJob(str(directory), res.gpus_per_node > 0, max_requeues)
 
     def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
+        budget = f"{self.study.steps} steps" if self.study.steps else f"{self.study.budget_s:.0f} s"
         return (
-            f"# study {self.study.name} from {self.experiment}: {len(self.study.seeds)} seeds x 2 methods x "
-            f"{self.study.budget_s:.0f} s\n# study directory: {directory}"
+            f"# study {self.study.name} from {self.experiment}: {len(self.study.seeds)} seeds x "
+            f"{len(self.study.contenders)} contenders x {budget}\n# study directory: {directory}"
             f"{' (exists: would resume)' if resuming else ''}\n"
             f"{_allocation_line(res)}\n# sbatch script\n{script}"
         )

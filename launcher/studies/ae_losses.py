@@ -216,7 +216,7 @@ def ridge_probe_scores(
     Regression: R² of every label column (LunarLander: all 8 state values) and the mean over the
     first five; classification: ridge on one-hot labels, accuracy of the largest output.
     """
-    from launcher.probe import choose_penalties, episode_folds, held_out_probe, predict_with, target_names
+    from launcher.probe import episode_folds, held_out_predictions, held_out_probe, target_names
 
     # Five folds where there are five episodes; a small predictor set (a few long episodes) gets
     # one fold per episode rather than an error.
@@ -230,7 +230,7 @@ def ridge_probe_scores(
     classes = np.concatenate([labels, test_labels]).astype(int)
     onehot = np.eye(classes.max() + 1)
     y, test_y = onehot[labels.astype(int)], onehot[test_labels.astype(int)]
-    prediction = predict_with(x, y, test_x, choose_penalties(x, y, folds))
+    prediction = held_out_predictions(x, y, folds, test_x)
     return {"probe_accuracy": float((prediction.argmax(1) == test_y.argmax(1)).mean())}
 
 

@@ -1,24 +1,27 @@
-"""PCAE against MAE at equal cost (``launch study pcae-vs-mae``): probe quality against wall time.
+"""Named contenders at equal cost (``launch study``): probe quality against wall time.
 
-Both methods pretrain the same encoder, from the same initialisation, on the same data, for
-the same wall-time budget. The budget is turned into a number of steps per method once, from
-a side-by-side timing of both methods' training steps (as ``launch bench pretrain`` times
-them), and recorded in ``STUDY/plan.json``: later runs of the study reuse it, so its points are
-a function of the seeds. At fixed fractions of each run the encoder is probed on held-out data
-(``launcher/probe.py``), next to the same probe of the encoder at its random initialisation and
-of raw pixels. ``STUDY/points.jsonl`` holds every point, ``STUDY/report.md`` the table and
-``STUDY/quality.png`` the curves. A killed study resumes: finished points are kept, each run
-resumes from its newest checkpoint.
+A contender is a method plus overrides (``pcae``, ``pcae method.momentum=0.99``, ``mae``): the
+shipped PCAE-vs-MAE study has two, an ablation as many as it asks. Every contender pretrains on
+the same data, from the same initialisation where the encoders agree, for the same budget:
+either the same wall time (``budget_s``, turned into a number of steps per contender once, from
+a side-by-side timing of their training steps, as ``launch bench pretrain`` times them) or the
+same number of steps (``steps``). The plan is recorded in ``STUDY/plan.json``: later runs of the
+study reuse it, so its points are a function of the seeds. At fixed fractions of each run the
+encoder (and PCAE's EMA teacher) is probed on held-out data (``launcher/probe.py``), next to the
+same probe of the encoder at its random initialisation and of raw pixels. ``STUDY/points.jsonl``
+holds every point, ``STUDY/report.md`` the table and ``STUDY/quality.png`` the curves. A killed
+study resumes: finished points are kept, each run resumes from its newest checkpoint.
 
-A study file (``experiments/study/*.yaml``) holds one experiment shared by both methods (the
-encoder, data, optimiser and batch), what differs per method (``methods``), the seeds, the
-budget, the fractions and the probe.
+A study file (``experiments/study/*.yaml``) holds one experiment shared by every contender (the
+encoder, data, optimiser and batch), the contenders (name: "METHOD key=value ..."), the seeds,
+the budget, the fractions and the probe.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -38,66 +41,85 @@ log = logging.getLogger(__name__)
 STUDY_FILE = "study.yaml"
 PLAN = "plan.json"
 POINTS = "points.jsonl"
-METHODS = ("pcae", "mae")
+RANDOM_INIT, PIXELS = "random init", "pixels"
 
 
 @dataclass
 class StudyConfig:
     name: str
-    experiment: dict[str, Any]  # one experiment for both methods; its method section has no name
-    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"pcae": {}, "mae": {}})
+    experiment: dict[str, Any]  # one experiment for every contender; its method section has no name
+    # name -> "METHOD key=value ...": the method and the overrides of the experiment it trains with
+    contenders: dict[str, str] = field(default_factory=lambda: {"pcae": "pcae", "mae": "mae"})
     seeds: tuple[int, ...] = (0, 1, 2)
-    budget_s: float = 300.0  # wall time of each pretraining run (one method, one seed)
+    budget_s: float = 300.0  # wall time of each pretraining run (one contender, one seed)
+    steps: int = 0  # if > 0: every contender trains this many steps instead (equal steps, not equal time)
     fractions: tuple[float, ...] = (0.25, 0.5, 1.0)  # of each run's steps, where the encoder is probed
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    calibration_steps: int = 3  # timed steps per method for the plan, after one untimed
+    calibration_steps: int = 3  # timed steps per contender for the plan, after one untimed
 
     def __post_init__(self) -> None:
         from launcher.studies.ae_losses import check_directory_name
 
         check_directory_name(self.name, "study")
-        if set(self.methods) != set(METHODS):
-            raise ValueError(f"methods must give the overrides of exactly {', '.join(METHODS)}")
-        if not self.seeds or self.budget_s <= 0 or self.calibration_steps < 1:
-            raise ValueError("a study needs seeds, a positive budget_s and calibration_steps >= 1")
+        if not self.contenders:
+            raise ValueError("contenders must name at least one, e.g. {pcae: pcae, mae: mae}")
+        for name in self.contenders:
+            check_directory_name(name, "contender")
+            if name in (RANDOM_INIT, PIXELS):
+                raise ValueError(f"a contender may not be named {name!r}: that name is a baseline's")
+        if not self.seeds or not math.isfinite(self.budget_s) or self.budget_s <= 0 or self.calibration_steps < 1:
+            raise ValueError("a study needs seeds, a positive finite budget_s and calibration_steps >= 1")
+        if self.steps < 0:
+            raise ValueError("steps must be >= 0 (0: the budget in wall time, budget_s)")
         if not self.fractions or sorted(self.fractions) != list(self.fractions) or not 0 < self.fractions[0]:
             raise ValueError("fractions must be increasing, in (0, 1]")
         if self.fractions[-1] != 1.0:
             raise ValueError("the last fraction must be 1.0: the end of the budget")
 
-    def experiment_of(self, method: str, seed: int, num_steps: int | None = None) -> Any:
-        """The pretraining experiment of one method and seed (``num_steps``: the planned length)."""
+    def experiment_of(self, contender: str, seed: int, num_steps: int | None = None) -> Any:
+        """The pretraining experiment of one contender and seed (``num_steps``: the planned length)."""
+        from launcher.config import parse_override, set_dotted
         from launcher.experiment import experiment_from_dict
 
+        method, *overrides = self.contenders[contender].split()
         raw = json.loads(json.dumps(self.experiment))  # a deep copy of plain data
-        raw["method"] = {**raw.get("method", {}), **self.methods[method], "name": method}
+        raw["method"] = {**raw.get("method", {}), "name": method}
+        for override in overrides:
+            set_dotted(raw, *parse_override(override))
         raw.setdefault("train", {})["seed"] = seed
         if num_steps is not None:
             raw["train"]["num_steps"] = num_steps
         return experiment_from_dict(raw)
 
-    def check_same_encoder(self) -> None:
-        """Both methods must train the same encoder: the overrides may not touch its fields."""
+    def check_contenders(self) -> None:
+        """Every contender's experiment must load (a bad override fails before anything runs)."""
+        for name, text in self.contenders.items():
+            if not text.split():
+                raise ConfigError(f"contender {name!r} names no method: give 'METHOD key=value ...'")
+            try:
+                self.experiment_of(name, self.seeds[0])
+            except ConfigError as e:
+                raise ConfigError(f"contender {name!r} ({text}): {e}") from None
+
+    def init_label(self, contender: str) -> str:
+        """The random-init baseline of a contender: one per distinct encoder among the contenders.
+
+        Contenders that train the same architecture start from the same weights (same seed) and
+        share "random init"; one whose overrides change the encoder (its patch size, say) gets
+        its own, named after what differs from the first contender's.
+        """
         from methods.vit import ViTConfig
 
-        fields = (*ViTConfig.ARCHITECTURE, "drop_path")
-        touched = sorted({key for overrides in self.methods.values() for key in overrides if key in fields})
-        if touched:
-            raise ConfigError(
-                f"methods.* may not set the encoder's {', '.join(touched)}: both methods pretrain "
-                f"the same encoder; set them once in experiment.method"
-            )
-        pcae, mae = (self.experiment_of(m, self.seeds[0]).method for m in METHODS)
-        if any(getattr(pcae, key) != getattr(mae, key) for key in fields):
-            raise ConfigError(
-                "PCAE's and MAE's defaults differ in the encoder (drop_path: 0.25 for PCAE); "
-                "set experiment.method.drop_path so both train the same one"
-            )
+        first = self.experiment_of(next(iter(self.contenders)), self.seeds[0]).method
+        own = self.experiment_of(contender, self.seeds[0]).method
+        fields = ViTConfig.ARCHITECTURE
+        differs = [f"{k}={getattr(own, k)}" for k in fields if getattr(own, k, None) != getattr(first, k, None)]
+        return f"{RANDOM_INIT} ({', '.join(differs)})" if differs else RANDOM_INIT
 
 
 def load_study(path: Path) -> StudyConfig:
     study = build_dataclass(StudyConfig, read_yaml(path), "study")
-    study.check_same_encoder()
+    study.check_contenders()
     return study
 
 
@@ -127,7 +149,11 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def calibrate(study: StudyConfig) -> dict[str, Any]:
-    """Time both methods' training steps side by side on one real batch; the steps the budget buys."""
+    """Time every contender's training steps side by side on a real batch; the steps the budget buys.
+
+    With ``study.steps`` set, every contender trains that many steps, and the timing only says
+    what they cost.
+    """
     from launcher.bench.compute import Contender, count_flops, describe_machine, step, time_alternating
     from launcher.cpu_allocator import keep_freed_memory
     from launcher.data import open_dataset
@@ -139,28 +165,32 @@ def calibrate(study: StudyConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         keep_freed_memory()  # as the trainer does
-    cfg = study.experiment_of(METHODS[0], study.seeds[0])
-    base = open_dataset(cfg.data, cfg.method.img_size)
-    dataset = SeededDataset(base, build_transform(cfg.data, cfg.method.img_size), cfg.train.seed)
-    batch = collate([dataset[(i, 0)] for i in range(cfg.train.micro_batch_size)])
-    batch = {k: v.to(device) for k, v in batch.items()}
     autocast = device.type == "cuda"
-    contenders = []
-    for method in METHODS:
-        method_cfg = study.experiment_of(method, study.seeds[0])
-        torch.manual_seed(method_cfg.train.seed)
-        model = build_method(method_cfg.method).to(device).train()
-        contender = Contender(method, model, build_optimizer(model, method_cfg.optim), 0.0, [])
-        contender.flops_per_step = count_flops(contender, batch, device, autocast)
+    contenders, batches = [], {}
+    for name in study.contenders:
+        cfg = study.experiment_of(name, study.seeds[0])
+        base = open_dataset(cfg.data, cfg.method.img_size)
+        dataset = SeededDataset(base, build_transform(cfg.data, cfg.method.img_size), cfg.train.seed)
+        batch = collate([dataset[(i, 0)] for i in range(cfg.train.micro_batch_size)])
+        batches[name] = {k: v.to(device) for k, v in batch.items()}
+        torch.manual_seed(cfg.train.seed)
+        model = build_method(cfg.method).to(device).train()
+        contender = Contender(name, model, build_optimizer(model, cfg.optim), 0.0, [])
+        contender.flops_per_step = count_flops(contender, batches[name], device, autocast)
         contenders.append(contender)
-    time_alternating(contenders, lambda c: step(c, batch, device, autocast), device, 1, study.calibration_steps)
+    time_alternating(
+        contenders, lambda c: step(c, batches[c.name], device, autocast), device, 1, study.calibration_steps
+    )
     # A step of the runs is `accumulation` micro-batches on each of the job's processes.
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
     plan: dict[str, Any] = {"budget_s": study.budget_s, "machine": describe_machine(device), "methods": {}}
+    if study.steps:
+        plan["steps"] = study.steps
     for c in contenders:
+        train = study.experiment_of(c.name, study.seeds[0]).train
+        accumulation = train.global_batch_size // (train.micro_batch_size * world)
         seconds = statistics.median(c.times) * accumulation
-        steps = max(1, int(study.budget_s / seconds))
+        steps = study.steps or max(1, int(study.budget_s / seconds))
         plan["methods"][c.name] = {
             "seconds_per_step": seconds,
             "flops_per_step": c.flops_per_step * accumulation,
@@ -198,9 +228,10 @@ class Study:
     def prepare_data(self) -> None:
         from launcher.data import prepare
 
-        cfg = self.cfg.experiment_of(METHODS[0], self.cfg.seeds[0])
-        for data in (cfg.data, self.cfg.probe.data):
-            prepare(data, cfg.method.img_size)
+        for name in self.cfg.contenders:
+            cfg = self.cfg.experiment_of(name, self.cfg.seeds[0])
+            prepare(cfg.data, cfg.method.img_size)
+        prepare(self.cfg.probe.data, cfg.method.img_size)
 
     def plan(self, wait_s: float = 1800.0) -> dict[str, Any]:
         """The recorded plan, or a new one: rank 0 times the methods, the other ranks wait for its file."""
@@ -212,7 +243,7 @@ class Study:
             time.sleep(1.0)
         if path.is_file():
             return json.loads(path.read_text())
-        log.info("timing both methods side by side to turn the %.0f s budget into steps", self.cfg.budget_s)
+        log.info("timing %d contenders side by side for the plan", len(self.cfg.contenders))
         plan = calibrate(self.cfg)
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -232,7 +263,6 @@ class Study:
 
     def run(self, stop: StopRequest | None = None, say=lambda text: None) -> bool:
         """Every run and probe point not yet done; False if a stop request interrupted it."""
-        from launcher.embeddings import pooled_patch_tokens
         from launcher.trainer import Trainer
         from methods import build_method
 
@@ -240,37 +270,29 @@ class Study:
         self.prepare_data()
         plan = self.plan()
         say(describe_plan(plan))
-        cfg0 = self.cfg.experiment_of(METHODS[0], self.cfg.seeds[0])
-        probe = ProbeSet(self.cfg.probe, cfg0.method.img_size)
+        first = self.cfg.experiment_of(next(iter(self.cfg.contenders)), self.cfg.seeds[0])
+        probe = ProbeSet(self.cfg.probe, first.method.img_size)
         done = {(p["encoder"], p["seed"], p["step"]) for p in self.points()}
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         main = is_main_rank()  # every rank trains; rank 0 alone probes and writes the points
-        if main and ("pixels", None, 0) not in done:
-            self.add_point(self._point("pixels", None, 0, 0.0, 0.0, probe.score_pixels()))
+        if main and (PIXELS, None, 0) not in done:
+            self.add_point(self._point(PIXELS, None, 0, 0.0, 0.0, probe.score_pixels()))
         for seed in self.cfg.seeds:
-            for method in METHODS:
+            for name in self.cfg.contenders:
                 if stop.requested:
                     return False
-                steps = plan["methods"][method]["steps"]
-                cfg = self.cfg.experiment_of(method, seed, steps)
-                if main and ("random init", seed, 0) not in done:  # the same initialisation for both methods
+                steps = plan["methods"][name]["steps"]
+                cfg = self.cfg.experiment_of(name, seed, steps)
+                init = self.cfg.init_label(name)
+                if main and (init, seed, 0) not in done:  # contenders of one encoder share its initialisation
                     torch.manual_seed(seed)
                     initial = build_method(cfg.method).to(device).eval()
-                    self.add_point(
-                        self._point(
-                            "random init",
-                            seed,
-                            0,
-                            0.0,
-                            0.0,
-                            probe.score(pooled_patch_tokens(initial, probe.cfg.grid), device),
-                        )
-                    )
-                    done.add(("random init", seed, 0))
-                todo = [s for s in plan["methods"][method]["probe_steps"] if (method, seed, s) not in done]
+                    self.add_point(self._point(init, seed, 0, 0.0, 0.0, probe.score(probe.encoder(initial), device)))
+                    done.add((init, seed, 0))
+                todo = [s for s in plan["methods"][name]["probe_steps"] if (name, seed, s) not in done]
                 if not todo:
                     continue
-                trainer = Trainer(cfg, self.directory / "runs" / f"{method}-seed{seed}", stop)
+                trainer = Trainer(cfg, self.directory / "runs" / f"{name}-seed{seed}", stop)
                 trainer.resume()
                 for target in todo:
                     result = trainer.fit(until_step=target)
@@ -279,24 +301,19 @@ class Study:
                     if not main:
                         continue
                     model = trainer.accelerator.unwrap_model(trainer.model).eval()
-                    flops = plan["methods"][method]["flops_per_step"] * result.step
-                    point = self._point(
-                        method,
-                        seed,
-                        result.step,
-                        result.train_seconds,
-                        flops,
-                        probe.score(pooled_patch_tokens(model, probe.cfg.grid), device),
-                    )
+                    flops = plan["methods"][name]["flops_per_step"] * result.step
+                    score = probe.score(probe.encoder(model), device)
+                    point = self._point(name, seed, result.step, result.train_seconds, flops, score)
+                    point["init"] = init
                     if hasattr(model, "teacher_patch_tokens"):  # PCAE's EMA teacher, as a diagnostic
-                        encode = pooled_patch_tokens(model, probe.cfg.grid, model.teacher_patch_tokens)
-                        teacher = probe.score(encode, device)
+                        teacher = probe.score(probe.encoder(model, model.teacher_patch_tokens), device)
                         point["teacher"] = teacher.to_dict(probe.names)
                     model.train()
                     self.add_point(point)
                     say(
-                        f"{method} seed {seed}: step {result.step}/{steps}, {result.train_seconds:.0f} s, "
+                        f"{name} seed {seed}: step {result.step}/{steps}, {result.train_seconds:.0f} s, "
                         f"probe mean R² {point['r2']['mean']:.3f}"
+                        + (f" (teacher {point['teacher']['mean']:.3f})" if "teacher" in point else "")
                     )
         return True
 
@@ -318,10 +335,11 @@ def is_main_rank() -> bool:
 
 
 def describe_plan(plan: dict[str, Any]) -> str:
-    lines = [f"plan: {plan['budget_s']:.0f} s of training per run, timed on {plan['machine']}"]
-    for method, entry in plan["methods"].items():
+    budget = f"{plan['steps']} steps" if plan.get("steps") else f"{plan['budget_s']:.0f} s of training"
+    lines = [f"plan: {budget} per run, timed on {plan['machine']}"]
+    for name, entry in plan["methods"].items():
         lines.append(
-            f"  {method}: {entry['seconds_per_step']:.3f} s/step -> {entry['steps']} steps, "
+            f"  {name}: {entry['seconds_per_step']:.3f} s/step -> {entry['steps']} steps, "
             f"{entry['flops_per_step'] / 1e12:.2f} TFLOP/step; probed at steps {entry['probe_steps']}"
         )
     return "\n".join(lines)
@@ -330,10 +348,20 @@ def describe_plan(plan: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- report
 
 
+def with_teachers(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points, plus one point "NAME teacher" for each probe of a contender's EMA teacher."""
+    out = []
+    for p in points:
+        out.append(p)
+        if "teacher" in p:
+            out.append({**p, "encoder": f"{p['encoder']} teacher", "r2": p["teacher"]})
+    return out
+
+
 def summarise(points: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
     """Per encoder, per step: mean and std over seeds of the headline R², seconds and FLOPs."""
     groups: dict[tuple[str, int], list[dict]] = {}
-    for p in points:
+    for p in with_teachers(points):
         groups.setdefault((p["encoder"], p["step"]), []).append(p)
     curves: dict[str, list[dict[str, float]]] = {}
     for (encoder, step), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -364,113 +392,143 @@ def first_reach(curve: list[dict[str, float]], level: float) -> float | None:
     return None
 
 
+def ordered_encoders(study: StudyConfig, curves: dict[str, Any]) -> list[str]:
+    """Contenders (each followed by its teacher), then the random inits, then pixels: those with points."""
+    names = [n for c in study.contenders for n in (c, f"{c} teacher")]
+    inits = sorted({study.init_label(c) for c in study.contenders}, key=len)
+    return [n for n in (*names, *inits, PIXELS) if n in curves]
+
+
+def verdicts(study: StudyConfig, curves: dict[str, list[dict[str, float]]]) -> list[str]:
+    """In words: each contender against its own random initialisation, and whether longer helped."""
+    lines = []
+    for name in study.contenders:
+        init_curve = curves.get(study.init_label(name))
+        if name not in curves or not init_curve:
+            continue
+        final, first, init = curves[name][-1], curves[name][0], init_curve[0]
+        gain = final["mean"] - init["mean"]
+        spread = max(final["std"], init["std"])
+        if final["n"] < 2:
+            word = "one seed: no spread to judge the gain by"
+        elif abs(gain) <= 2 * spread:
+            word = "within twice the seeds' spread: no clear change"
+        else:
+            word = "better than its initialisation" if gain > 0 else "worse than its initialisation"
+        trend = ""
+        if len(curves[name]) > 1:
+            change = final["mean"] - first["mean"]
+            trend = f"; from step {first['step']} to {final['step']} {change:+.3f}"
+        lines.append(
+            f"- {name}: {final['mean']:.3f} ± {final['std']:.3f} after {final['step']} steps, "
+            f"{gain:+.3f} against its random init ({init['mean']:.3f} ± {init['std']:.3f}): {word}{trend}."
+        )
+    if {"pcae", "mae"} <= set(study.contenders) and "pcae" in curves and "mae" in curves:
+        mae = curves["mae"][-1]
+        reached = first_reach(curves["pcae"], mae["mean"])
+        lines.append(
+            f"- MAE's final score, {mae['mean']:.3f} after {mae['seconds']:.0f} s: "
+            + (
+                f"PCAE first reaches it after {reached:.0f} s ({reached / mae['seconds']:.2f} of MAE's time)."
+                if reached is not None
+                else f"PCAE does not reach it within its budget (its best: "
+                f"{max(c['mean'] for c in curves['pcae']):.3f})."
+            )
+        )
+    return lines
+
+
 def write_report(directory: Path) -> Path:
     """``STUDY/report.md`` and ``STUDY/quality.png`` from ``STUDY/points.jsonl``."""
     study = Study(load_study(directory / STUDY_FILE), directory)
     points, plan = study.points(), json.loads((directory / PLAN).read_text())
     if not points:
-        raise ConfigError(f"{directory} has no probe points yet: run `launch study pcae-vs-mae` first")
+        raise ConfigError(f"{directory} has no probe points yet: run `launch study` on it first")
     curves = summarise(points)
     names = target_names(study.cfg.probe.data.name, study.cfg.probe.targets)
     headline = ", ".join(names[t] for t in study.cfg.probe.headline)
+    budget = "equal steps" if plan.get("steps") else "equal wall time"
     lines = [
-        f"# PCAE vs MAE at equal wall time: {directory.name}",
+        f"# Contenders at {budget}: {directory.name}",
+        "",
+        "Contenders: " + "; ".join(f"`{n}`: `{text}`" for n, text in study.cfg.contenders.items()),
         "",
         describe_plan(plan),
         "",
-        f"Probe: ridge on frozen embeddings (patch tokens over {study.cfg.probe.grid}x{study.cfg.probe.grid} "
-        f"cells) of held-out episodes; test R², the mean over {headline}; mean ± std over seeds.",
+        f"Probe: ridge on frozen embeddings ({study.cfg.probe.describe_readout()}) of held-out episodes; "
+        f"test R², the mean over {headline}; mean ± std over seeds.",
         "",
         "| encoder | step | wall time (s) | TFLOP | mean R² | seeds |",
         "|---|---|---|---|---|---|",
     ]
-    for encoder in ("pcae", "mae", "random init", "pixels"):
-        for c in curves.get(encoder, []):
+    for encoder in ordered_encoders(study.cfg, curves):
+        for c in curves[encoder]:
             lines.append(
                 f"| {encoder} | {c['step']} | {c['seconds']:.0f} | {c['flops'] / 1e12:.1f} | "
                 f"{c['mean']:.3f} ± {c['std']:.3f} | {c['n']} |"
             )
-    final = {m: curves[m][-1] for m in METHODS if m in curves}
-    if len(final) == 2:
-        reached = first_reach(curves["pcae"], final["mae"]["mean"])
-        lines += [
-            "",
-            f"MAE's final score, {final['mae']['mean']:.3f} after {final['mae']['seconds']:.0f} s: "
-            + (
-                f"PCAE first reaches it after {reached:.0f} s ({reached / final['mae']['seconds']:.2f} of MAE's time)."
-                if reached is not None
-                else f"PCAE does not reach it within its budget (its best: "
-                f"{max(c['mean'] for c in curves['pcae']):.3f})."
-            ),
-        ]
-        if curves.get("random init"):
-            # The comparison that says whether either learnt anything: a gain over the same encoder
-            # untrained, in units of the seeds' spread.
-            init = curves["random init"][-1]
-            gains = ", ".join(
-                f"{m.upper()} {final[m]['mean'] - init['mean']:+.3f} (seed std {final[m]['std']:.3f})" for m in METHODS
-            )
-            lines.append(
-                f"Against the same encoder at its random initialisation ({init['mean']:.3f} ± {init['std']:.3f}): "
-                f"{gains}. A gain within the seeds' spread is no gain."
-            )
+    lines += ["", "A gain within the seeds' spread is no gain.", "", *verdicts(study.cfg, curves)]
     lines += [
         "",
         "Per target (final points, mean over seeds):",
         "",
         "```",
-        describe(_final_scores(points, study), names, study.cfg.probe.headline),
+        describe(_final_scores(points, study, curves), names, study.cfg.probe.headline),
         "```",
         "",
         "![quality](quality.png)",
         "",
     ]
     (directory / "report.md").write_text("\n".join(lines))
-    plot(curves, directory / "quality.png", headline)
+    plot(curves, ordered_encoders(study.cfg, curves), directory / "quality.png", headline)
     return directory / "report.md"
 
 
-def _final_scores(points: list[dict[str, Any]], study: Study) -> dict[str, ProbeScore]:
+def _final_scores(points: list[dict[str, Any]], study: Study, curves: dict[str, Any]) -> dict[str, ProbeScore]:
     names = target_names(study.cfg.probe.data.name, study.cfg.probe.targets)
-    last = {
-        encoder: max(p["step"] for p in points if p["encoder"] == encoder) for encoder in {p["encoder"] for p in points}
-    }
+    points = with_teachers(points)
     scores = {}
-    for encoder in ("pcae", "mae", "random init", "pixels"):
-        if encoder not in last:
-            continue
-        runs = [p for p in points if p["encoder"] == encoder and p["step"] == last[encoder]]
+    for encoder in ordered_encoders(study.cfg, curves):
+        last = curves[encoder][-1]["step"]
+        runs = [p for p in points if p["encoder"] == encoder and p["step"] == last]
         r2 = {t: statistics.fmean(p["r2"][names[t]] for p in runs) for t in study.cfg.probe.targets}
         scores[encoder] = ProbeScore(r2, study.cfg.probe.headline)
     return scores
 
 
-def plot(curves: dict[str, list[dict[str, float]]], out: Path, headline: str) -> None:
+def plot(curves: dict[str, list[dict[str, float]]], encoders: list[str], out: Path, headline: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    trained = [e for e in encoders if curves[e][-1]["step"] > 0]
+    baselines = [e for e in encoders if e not in trained]
+    colours = plt.get_cmap("tab10")
     for ax, key, label in ((axes[0], "seconds", "training wall time (s)"), (axes[1], "flops", "training FLOPs")):
-        for method, color in (("pcae", "tab:blue"), ("mae", "tab:orange")):
-            curve = curves.get(method, [])
-            if not curve:
-                continue
+        for i, encoder in enumerate(trained):
+            curve = curves[encoder]
             xs = [c[key] for c in curve]
             mean, std = [c["mean"] for c in curve], [c["std"] for c in curve]
-            ax.plot(xs, mean, "o-", color=color, label=method.upper())
+            style = "o--" if encoder.endswith(" teacher") else "o-"
+            ax.plot(xs, mean, style, color=colours(i % 10), label=encoder)
             ax.fill_between(
-                xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.2
+                xs,
+                [m - s for m, s in zip(mean, std)],
+                [m + s for m, s in zip(mean, std)],
+                color=colours(i % 10),
+                alpha=0.15,
             )
-        for baseline, style in (("random init", "--"), ("pixels", ":")):
-            if baseline in curves:
-                c = curves[baseline][0]
-                ax.axhline(c["mean"], color="gray", linestyle=style, label=f"{baseline} ({c['mean']:.3f})")
+        for j, baseline in enumerate(baselines):
+            c = curves[baseline][0]
+            ax.axhline(
+                c["mean"], color="gray", linestyle=("--", ":", "-.")[min(j, 2)], label=f"{baseline} ({c['mean']:.3f})"
+            )
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"probe test R², mean over {headline}")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -9,13 +9,16 @@ import torch
 from launcher.data import DataConfig
 from launcher.data.lunarlander import generate_lunarlander
 from launcher.probe import (
+    FoldRidge,
     ProbeConfig,
+    ProbeScore,
     ProbeSet,
-    choose_penalties,
     cross_validated_probe,
+    describe,
     episode_folds,
-    ridge_predictions,
+    held_out_probe,
 )
+from methods.vit import grid_pool
 
 
 def test_no_fold_puts_one_episode_on_two_sides_and_every_sample_is_held_out_once() -> None:
@@ -34,20 +37,57 @@ def test_ridge_recovers_a_linear_map_and_finds_nothing_in_noise() -> None:
     folds = episode_folds(np.arange(300) // 5, 5)
     r2 = cross_validated_probe(x, y, folds)
     assert r2[0] > 0.99 and r2[1] > 0.99 and r2[2] < 0.05  # noise: about 0 or below
-    penalties = choose_penalties(x, y, folds)
+    penalties = FoldRidge(x, y).choose_penalties(folds)
     assert penalties[2] > penalties[0]  # the noise column is shrunk hardest
 
 
-@pytest.mark.parametrize("features", [8, 80], ids=["primal", "dual"])
+@pytest.mark.parametrize("features", [8, 80], ids=["primal", "kernel"])
 def test_the_penalty_path_equals_one_solve_per_penalty(features: int) -> None:
     rng = np.random.default_rng(1)
-    x, y, test = rng.normal(size=(50, features)), rng.normal(size=(50, 2)), rng.normal(size=(7, features))
-    mean = x.mean(0)
-    scale = np.sqrt(((x - mean) ** 2).mean())
-    a, b = (x - mean) / scale, (test - mean) / scale
-    for penalty, got in zip((0.1, 10.0), ridge_predictions(x, y, test, (0.1, 10.0))):
-        weights = np.linalg.solve(a.T @ a + penalty * np.eye(features), a.T @ (y - y.mean(0)))
-        np.testing.assert_allclose(got, b @ weights + y.mean(0), rtol=1e-7, atol=1e-9)
+    x, y = rng.normal(size=(57, features)) + 3.0, rng.normal(size=(57, 2))
+    train, test = np.arange(50), np.arange(50, 57)
+    mean = x[train].mean(0)
+    scale = np.sqrt(((x[train] - mean) ** 2).mean())
+    a, b = (x[train] - mean) / scale, (x[test] - mean) / scale
+    ridge = FoldRidge(x, y, penalties=(0.1, 10.0))
+    assert ridge.kernel == (features > 57)
+    for penalty, got in zip((0.1, 10.0), ridge.predict(train, test)):
+        weights = np.linalg.solve(a.T @ a + penalty * np.eye(features), a.T @ (y[train] - y[train].mean(0)))
+        np.testing.assert_allclose(got, b @ weights + y[train].mean(0), rtol=1e-6, atol=1e-8)
+
+
+def one_bright_patch(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Tokens of an 8 x 8 patch grid where one patch carries a bright object: its (column, row) is the label."""
+    rng = np.random.default_rng(seed)
+    tokens = torch.from_numpy(rng.normal(0, 0.3, size=(n, 64, 16)).astype(np.float32))
+    where = rng.integers(0, 64, size=n)
+    tokens[np.arange(n), where] += 4.0  # the object: every feature of its patch lit
+    return tokens, np.stack([where % 8, where // 8], axis=1).astype(np.float64)
+
+
+def test_every_token_reads_where_a_one_patch_object_is_and_two_by_two_cells_do_not() -> None:
+    tokens, position = one_bright_patch(600, seed=0)
+    folds = episode_folds(np.arange(600) // 10, 5)
+    per_token = cross_validated_probe(tokens.flatten(1).numpy(), position, folds)
+    cells = cross_validated_probe(grid_pool(tokens, side=8, grid=2).numpy(), position, folds)
+    assert per_token.min() > 0.95
+    assert cells.max() < 0.85  # a 2 x 2 grid knows the quadrant, not the patch
+
+
+def test_a_held_out_test_set_is_scored_by_a_probe_fit_on_the_other_samples() -> None:
+    tokens, position = one_bright_patch(500, seed=1)
+    x = tokens.flatten(1).numpy()
+    folds = episode_folds(np.arange(400) // 10, 5)
+    r2 = held_out_probe(x[:400], position[:400], folds, x[400:], position[400:])
+    assert r2.min() > 0.95
+
+
+def test_the_table_puts_the_rates_no_single_frame_shows_after_a_bar() -> None:
+    names = {0: "x", 1: "y", 2: "vx", 4: "angle"}
+    table = describe({"encoder": ProbeScore({0: 0.9, 1: 0.8, 2: 0.1, 4: 0.5}, (0, 1, 4))}, names, (0, 1, 4))
+    head, row = table.splitlines()
+    assert head.split() == ["x", "y", "angle", "|", "vx", "mean", "of", "x,y,angle"]
+    assert row.split() == ["encoder", "0.900", "0.800", "0.500", "|", "0.100", "0.733"]
 
 
 def test_a_feature_equal_to_a_target_scores_one_and_noise_zero_on_lunarlander_episodes(tmp_path) -> None:

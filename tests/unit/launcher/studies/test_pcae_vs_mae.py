@@ -36,7 +36,7 @@ def tiny_study(tmp_path: Path, **changes) -> Path:
             "optim": {"warmup_epochs": 0.5},
             "train": {"num_epochs": 1, "global_batch_size": 16, "micro_batch_size": 16, "log_every": 1},
         },
-        "methods": {"pcae": {"decoder_drop_path": 0.0}, "mae": {}},
+        "contenders": {"pcae": "pcae method.decoder_drop_path=0.0", "mae": "mae"},
         "probe": {
             "data": {
                 **frames,
@@ -45,13 +45,12 @@ def tiny_study(tmp_path: Path, **changes) -> Path:
                 "generate_seed": 5,
             },
             "targets": [0, 1, 2, 3, 4],
-            "grid": 2,
             "pixels": 8,
         },
         **changes,
     }
     path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(study))
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
 
 
@@ -74,9 +73,17 @@ def test_both_methods_start_from_the_same_encoder(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
-def test_methods_may_not_change_the_encoder(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="may not set the encoder's drop_path"):
-        load_study(tiny_study(tmp_path, methods={"pcae": {"drop_path": 0.25}, "mae": {}}))
+def test_a_contender_that_changes_the_encoder_gets_its_own_random_init(tmp_path: Path) -> None:
+    contenders = {"pcae": "pcae", "pcae-p4": "pcae method.patch_size=4", "mae": "mae method.mask_ratio=0.5"}
+    study = load_study(tiny_study(tmp_path, contenders=contenders))
+    assert [study.init_label(c) for c in contenders] == ["random init", "random init (patch_size=4)", "random init"]
+
+
+def test_a_bad_contender_fails_before_anything_runs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="contender 'slow' .*momentum"):
+        load_study(tiny_study(tmp_path, contenders={"slow": "pcae method.momentum=2"}))
+    with pytest.raises(ConfigError, match="contender 'x' .*unknown"):
+        load_study(tiny_study(tmp_path, contenders={"x": "nosuchmethod"}))
 
 
 def test_the_calibration_turns_the_budget_into_steps_per_method(tmp_path: Path) -> None:
@@ -145,6 +152,7 @@ def test_the_report_has_the_table_the_plot_and_the_verdict(tmp_path: Path) -> No
     report = pcae_vs_mae.write_report(study.directory).read_text()
     assert "| pcae | 4 |" in report and "| mae | 4 |" in report and "| random init | 0 |" in report
     assert "MAE's final score" in report and (study.directory / "quality.png").stat().st_size > 10_000
+    assert "| pcae teacher | 4 |" in report and "against its random init" in report
 
 
 def test_the_command_line_dry_runs_locally_and_on_slurm(tmp_path: Path, shared_tmp: Path, monkeypatch, capsys) -> None:
