@@ -37,7 +37,6 @@ from launcher.embeddings import FeatureCache
 from launcher.errors import ConfigError, DataError, UserError
 from launcher.evaluate import build_eval_loader, evaluate
 from launcher.runs import (
-    CONFIG,
     MetricsLog,
     last_evaluated_step,
     lock_run_dir,
@@ -274,7 +273,7 @@ class Trainer:
         # owner: this process, until it exits (rank 0 holds the lock for all ranks).
         if acc.is_main_process:
             lock_run_dir(self.run_dir)
-        if acc.is_main_process and not (self.run_dir / CONFIG).is_file():
+        if acc.is_main_process:  # a new run's config, or a resume's change of CHANGEABLE_ON_RESUME
             write_config(self.run_dir, cfg)
         acc.wait_for_everyone()
         setup_logging(self.run_dir, acc.process_index)
@@ -329,6 +328,16 @@ class Trainer:
         self.saved_step = self.state.step
         log.info("resumed from %s (step %d, epoch %d)", path, self.state.step, self.state.epoch)
         return True
+
+    def diverged(self, what: str) -> DivergedError:
+        """The error that stops a run whose loss or weights are no longer finite, with advice that works."""
+        last_good = checkpoint.latest_valid(self.run_dir)
+        return DivergedError(
+            f"{what}; nothing since was saved. The last good checkpoint is {last_good or 'none'}. Lower "
+            f"optim.blr, set optim.clip_grad or train.mixed_precision=no, then run the same command with that "
+            f"change to resume from it (the run's config_history.yaml records the change and the step it took "
+            f"effect at)."
+        )
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of this step atomically; on a full disk remove what was written and say so."""
@@ -584,12 +593,9 @@ class Trainer:
         }
         self._window = Window.start()
         if first_nonfinite:
-            last_good = checkpoint.latest_valid(self.run_dir)
-            raise DivergedError(
+            raise self.diverged(
                 f"the loss became non-finite at step {first_nonfinite} (found at step {self.state.step}, "
-                f"checked every {cfg.train.check_every} steps); nothing since was saved. The last good checkpoint "
-                f"is {last_good or 'none'}. Lower optim.blr, set optim.clip_grad or train.mixed_precision=no, "
-                f"then run the same command to resume."
+                f"checked every {cfg.train.check_every} steps)"
             )
         if self.state.bad_samples > cfg.data.max_bad_samples:
             raise DataError(

@@ -167,6 +167,38 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(image_
     assert checkpoint.latest_valid(tmp_path / "run") is not None
 
 
+def test_the_advice_after_a_diverged_run_resumes_it_and_records_the_change(
+    image_folder: Path, tmp_path: Path, capsys
+) -> None:
+    import yaml
+
+    from tests.helpers import launch, write_yaml
+
+    # The warmup's first step has lr 0, so a checkpoint of step 1 holds good weights; then the lr is huge.
+    cfg = tiny_experiment("mae", image_folder, optim={"warmup_epochs": 1, "blr": 1e30})
+    Trainer(experiment_from_dict(cfg), tmp_path / "run").fit(until_step=1)
+    experiment = write_yaml(tmp_path / "mae.yaml", cfg)
+    command = f"pretrain mae --experiment {experiment} --run-dir {tmp_path / 'run'}"
+    assert launch(command) == 2
+    err = capsys.readouterr().err
+    assert "the loss became non-finite" in err and "run the same command with that change to resume" in err
+    last_good = checkpoint.latest_valid(tmp_path / "run")
+    assert last_good is not None and last_good.name == "step_0000001" and str(last_good) in err
+    # What the advice says: the same command with the optimiser's settings changed.
+    assert launch(f"{command} optim.blr=1e-3 optim.clip_grad=1.0") == 0, capsys.readouterr().err
+    assert "(resuming)" in capsys.readouterr().out
+    history = yaml.safe_load((tmp_path / "run" / "config_history.yaml").read_text())
+    assert [entry["step"] for entry in history] == [checkpoint.read_trainer_state(last_good)["step"]]
+    assert history[0]["changes"] == {
+        "optim.blr": {"from": 1e30, "to": 1e-3},
+        "optim.clip_grad": {"from": None, "to": 1.0},
+    }
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["blr"] == 1e-3
+    # Anything else still belongs to another config.
+    assert launch(f"{command} optim.blr=1e-3 optim.clip_grad=1.0 train.seed=1") == 2
+    assert "only optim.blr, optim.min_lr, optim.clip_grad, train.mixed_precision may change" in capsys.readouterr().err
+
+
 def test_learning_rate_schedule() -> None:
     assert learning_rate(0, 100, 10, 1.0, 0.0) == 0.0
     assert learning_rate(5, 100, 10, 1.0, 0.0) == 0.5
