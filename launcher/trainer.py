@@ -34,7 +34,7 @@ from launcher.data import open_dataset
 from launcher.data.sampling import ResumableSampler, SeededDataset, build_loader
 from launcher.data.transforms import build_transform
 from launcher.embeddings import FeatureCache
-from launcher.errors import ConfigError, DataError, UserError
+from launcher.errors import ConfigError, DataError, RunDirError, UserError
 from launcher.evaluate import build_eval_loader, evaluate
 from launcher.runs import (
     MetricsLog,
@@ -324,10 +324,45 @@ class Trainer:
         if path is None:
             return False
         self.accelerator.load_state(str(path))
+        self._check_random_states(path)
         self.state = TrainState(**checkpoint.read_trainer_state(path))  # train_seconds: 0 if older
         self.saved_step = self.state.step
         log.info("resumed from %s (step %d, epoch %d)", path, self.state.step, self.state.epoch)
         return True
+
+    def _check_random_states(self, path: Path) -> None:
+        """Stop unless this rank's RNG states were restored from ``path``: resume is exact or does not happen.
+
+        Accelerate logs a random-states file it cannot load at INFO and carries on, which would make
+        the resumed losses differ from an uninterrupted run's with nothing said.
+        """
+        from accelerate.utils import load
+        from accelerate.utils.constants import RNG_STATE_NAME
+
+        rng_file = path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl"
+        try:
+            states = load(rng_file)
+            restored = torch.equal(torch.get_rng_state(), states["torch_manual_seed"])
+        except Exception as e:  # whatever unpickling a damaged file raises
+            restored, why = False, f"{type(e).__name__}: {e}"
+        else:
+            why = "the restored state differs from the file's"
+        # Every rank stops, or none does: one rank alone would leave the others waiting for ever.
+        failed = self.accelerator.reduce(torch.tensor([0.0 if restored else 1.0], device=self.accelerator.device))
+        if not failed.item():
+            return
+        if restored:
+            rng_file, why = path / f"{RNG_STATE_NAME}_*.pkl", "another rank's file could not be restored"
+        older = [p for p in checkpoint.list_checkpoints(self.run_dir) if p != path and checkpoint.validate(p) is None]
+        fallback = (
+            f"move {path} aside to resume exactly from {older[0]}"
+            if older
+            else f"there is no older checkpoint: move {path} aside to start the run over"
+        )
+        raise RunDirError(
+            f"cannot restore the random states of {rng_file} ({why}); a resume without them would not repeat "
+            f"the uninterrupted run's losses. The file is damaged: {fallback}."
+        )
 
     def diverged(self, what: str) -> DivergedError:
         """The error that stops a run whose loss or weights are no longer finite, with advice that works."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from launcher import checkpoint
+from launcher.errors import RunDirError
 from launcher.experiment import experiment_from_dict
 from launcher.local import prepare_data
 from launcher.runs import read_metrics
@@ -197,6 +198,32 @@ def test_the_advice_after_a_diverged_run_resumes_it_and_records_the_change(
     # Anything else still belongs to another config.
     assert launch(f"{command} optim.blr=1e-3 optim.clip_grad=1.0 train.seed=1") == 2
     assert "only optim.blr, optim.min_lr, optim.clip_grad, train.mixed_precision may change" in capsys.readouterr().err
+
+
+def _damage_random_states(path: Path) -> None:
+    """Overwrite rank 0's RNG file with garbage and update the manifest to match, as a bad disk block would not."""
+    from launcher.checkpoint import MANIFEST, _sha256
+
+    rng = path / "random_states_0.pkl"
+    rng.write_bytes(b"not a pickle" + bytes(range(64)))
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"][rng.name] = {"size": rng.stat().st_size, "sha256": _sha256(rng)}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.validate(path) is None
+
+
+def test_a_resume_whose_random_states_do_not_load_stops_naming_the_file(image_folder: Path, tmp_path: Path) -> None:
+    cfg = experiment_from_dict(tiny_experiment("mae", image_folder, train={"checkpoint_every": 2}))
+    run = tmp_path / "run"
+    Trainer(cfg, run).fit(until_step=4)
+    newest, older = checkpoint.list_checkpoints(run)[:2]
+    _damage_random_states(newest)
+    with pytest.raises(RunDirError, match="cannot restore the random states of .*random_states_0.pkl") as caught:
+        Trainer(cfg, run).resume()
+    assert f"move {newest} aside to resume exactly from {older}" in str(caught.value)
+    # Moved aside as told, the run resumes exactly from the older checkpoint.
+    newest.rename(tmp_path / "aside")
+    assert Trainer(cfg, run).resume()
 
 
 def test_learning_rate_schedule() -> None:
