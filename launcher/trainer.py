@@ -251,6 +251,12 @@ class Trainer:
             raise ConfigError(f"cannot build method {cfg.method.name!r}: {e}") from None
         with acc.main_process_first():  # rank 0 first: SVHN converts its .mat files on first use
             base = open_dataset(cfg.data, cfg.method.img_size)
+            classes = getattr(base, "classes", None)  # an image folder's class names: they define the labels
+            if classes is not None and hasattr(model, "check_classes"):
+                try:
+                    model.check_classes(classes)
+                except ValueError as e:
+                    raise ConfigError(f"data.root {cfg.data.root}: {e}") from None
             self.eval_loader = None
             if cfg.eval.data is not None:
                 if not hasattr(model, "predict"):
@@ -259,7 +265,7 @@ class Trainer:
                     )
                 try:
                     self.eval_loader = build_eval_loader(
-                        cfg.eval, cfg.method.img_size, acc.process_index, acc.num_processes
+                        cfg.eval, cfg.method.img_size, acc.process_index, acc.num_processes, classes
                     )
                 except DataError as e:
                     raise DataError(f"evaluation set (eval.data, the keys that differ from data): {e}") from None

@@ -210,6 +210,22 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def relabel(self, classes: list[str]) -> None:
+        """Label every sample by its class's index in ``classes`` (another set's names, e.g. training's)."""
+        extra = [name for name in self.classes if name not in classes]
+        if extra:
+            raise DataError(
+                f"the class folder(s) {', '.join(extra)} are not classes of the training set "
+                f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): a model trained on those "
+                f"classes cannot be scored on them. Remove them from the evaluation set or add them to training."
+            )
+        missing = [name for name in classes if name not in self.classes]
+        if missing:
+            log.warning("the evaluation set has no images of class(es) %s; scored on the others", ", ".join(missing))
+        index = {name: classes.index(name) for name in self.classes}
+        self.samples = [(path, index[self.classes[target]]) for path, target in self.samples]
+        self.classes = list(classes)
+
     def __getitem__(self, index: int) -> tuple[Image.Image, torch.Tensor]:
         path, target = self.samples[index]
         try:
