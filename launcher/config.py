@@ -58,9 +58,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist; `launch experiments` lists the shipped ones")
     try:
-        data = load_yaml(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"experiment file {path} is not valid YAML: {yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"experiment file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+            f"(an experiment file is YAML text, not a binary or another encoding)"
+        ) from None
     if data is None:
         raise ConfigError(
             f"experiment file {path} is empty; give at least the keys that differ from the defaults "

@@ -83,3 +83,12 @@ def test_a_study_budget_must_be_a_finite_wall_time(tmp_path: Path, capsys, budge
     assert launch(f"study pcae-vs-mae --dry-run --budget={budget} --study-dir {tmp_path / 'study'}") == 2
     assert "is not a positive, finite wall time" in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
+
+
+def test_an_experiment_file_that_is_not_utf8_is_one_paragraph(tmp_path: Path, capsys) -> None:
+    from tests.helpers import launch
+
+    (tmp_path / "latin1.yaml").write_bytes("optim: {blr: 1.0e-3}  # réglé\n".encode("latin-1"))
+    assert launch(f"pretrain pcae --dry-run --experiment {tmp_path / 'latin1.yaml'} --run-dir {tmp_path / 'r'}") == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text" in err and "save it as UTF-8" in err and "Traceback" not in err
