@@ -43,10 +43,27 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """The whole image at ``path`` decoded, as RGB (a truncated file fails here, not later)."""
+    """The whole image at ``path`` decoded, as RGB (a truncated file fails here, not later).
+
+    PIL's own conversion of a 16-bit or 32-bit greyscale image to RGB clips every value above 255,
+    so such an image is scaled from its format's range instead (16-bit PNGs: 0..65535).
+    """
     with Image.open(path) as image:
         image.load()
+        if image.mode.startswith("I") or image.mode == "F":
+            return Image.fromarray(_to_uint8(np.asarray(image), image.mode)).convert("RGB")
         return image.convert("RGB")
+
+
+def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    values = pixels.astype(np.float64)
+    if mode == "F":  # floating-point samples: 0..1, or already 0..255
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+    elif mode.startswith("I;16") or values.max(initial=0) > 255:
+        top = 65535.0  # PIL reads 16-bit greyscale PNGs and TIFFs as I;16, or as I
+    else:
+        top = 255.0
+    return np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -141,3 +141,15 @@ def test_an_unreadable_class_folder_is_a_permission_problem(shared_tmp: Path) ->
     assert proc.returncode == 2, proc.stderr
     assert f"cannot list {root / 'n00000001'}: Permission denied" in proc.stderr and "chmod u+rx" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_16_bit_png_keeps_its_range(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from launcher.data.image_sets import read_image
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    pixels = np.asarray(read_image(tmp_path / "deep.png"))
+    assert pixels.shape == (64, 64, 3) and (pixels[..., 0] == pixels[..., 2]).all()
+    np.testing.assert_allclose(pixels[..., 0], ramp / 65535 * 255, atol=0.51)  # once 99.6% were 255
