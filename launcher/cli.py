@@ -679,6 +679,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "init":
         from launcher.slurm.profiles import check_shared
 
+        profiles.check_profile_name(args.name)
         path = profiles.user_profile_dir() / f"{args.name}.yaml"
         if path.exists() and not args.force:
             raise ConfigError(f"profile {path} exists; pass --force to overwrite it, or choose another name")
@@ -687,10 +688,18 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         description = discover.describe_cluster()
         profile = discover.profile_from(description, args.partition, args.runs_dir)
         text = discover.profile_text(profile, description)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            tmp.replace(path)
+        except OSError as e:
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+            raise ConfigError(
+                f"cannot write the profile {path} ({e.strerror}); set LAUNCH_CLUSTERS to a folder you can "
+                f"write and run `launch cluster init {args.name}` again"
+            ) from None
         print(f"{text}\nwritten to {path}; submit with --cluster {args.name}")
         return 0
     names = [args.name] if args.name else profiles.profile_names()

@@ -9,6 +9,7 @@ profiles and sweeps use the same loader.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -57,9 +58,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist; `launch experiments` lists the shipped ones")
     try:
-        data = load_yaml(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"experiment file {path} is not valid YAML: {yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"experiment file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+            f"(an experiment file is YAML text, not a binary or another encoding)"
+        ) from None
     if data is None:
         raise ConfigError(
             f"experiment file {path} is empty; give at least the keys that differ from the defaults "
@@ -153,16 +159,25 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list of {item_type.__name__}, got {value!r}")
         return tuple(coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value), key)
     if tp in (int, str, bool) and type(value) is tp:
         return value
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-4" as a string
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            return _finite(number, key)
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"{key} must be a {name}, got {value!r} ({type(value).__name__})")
+
+
+def _finite(value: float, key: str) -> float:
+    """No setting of this project means anything at NaN or an infinity: refuse them where they are typed."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}; give it a real value (e.g. {key}=1e-4)")
+    return value
 
 
 # ----------------------------------------------------------------------------- saving

@@ -42,9 +42,14 @@ class EvalConfig:
             raise ValueError("eval.every_epochs must be >= 0 and eval.batch_size > 0")
 
 
-def build_eval_loader(cfg: EvalConfig, img_size: int, rank: int, world_size: int) -> DataLoader:
+def build_eval_loader(
+    cfg: EvalConfig, img_size: int, rank: int, world_size: int, classes: list[str] | None = None
+) -> DataLoader:
+    """This rank's share of the evaluation set; ``classes`` (the training set's names) define its labels."""
     data = cfg.data
     base = open_dataset(data, img_size)
+    if classes is not None and hasattr(base, "relabel"):
+        base.relabel(classes)
     indices = on_screen_indices(base, "eval.on_screen_only") if cfg.on_screen_only else np.arange(len(base))
     dataset = SeededDataset(base, build_transform(data, img_size, train=False), seed=0)
     keys = [(int(index), 0) for index in indices[rank::world_size]]

@@ -4,7 +4,9 @@
 logged step; ``RUN/eval.json`` the newest evaluation (``RUN/eval.jsonl`` all of them);
 ``RUN/tb/`` TensorBoard events; ``RUN/logs/rank_K.log`` every rank's log;
 ``RUN/checkpoints/`` see ``checkpoint.py``. A run directory belongs to one config:
-starting the same config in it again resumes; a different config is refused.
+starting the same config in it again resumes; a different config is refused, except for the
+settings a diverged run needs changed (``CHANGEABLE_ON_RESUME``): those take effect from the
+checkpoint it resumes from, and ``RUN/config_history.yaml`` records each change and its step.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ LOCK = ".lock"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 EVAL_HISTORY = "eval.jsonl"
+CONFIG_HISTORY = "config_history.yaml"
+# What a resume may change: none of it is in a checkpoint's state (the lr is a function of the step,
+# clipping and precision act in the loop), so it takes effect from the resumed step on.
+CHANGEABLE_ON_RESUME = ("optim.blr", "optim.min_lr", "optim.clip_grad", "train.mixed_precision")
 
 
 def default_run_dir(command: str, experiment: str) -> Path:
@@ -44,11 +50,12 @@ def default_run_dir(command: str, experiment: str) -> Path:
     return Path("runs") / f"{command}-{experiment}-{stamp}"
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs."""
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(set(old) | set(new))
         return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
@@ -63,12 +70,14 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
     existing = run_dir / CONFIG
     if existing.is_file():
         old = yaml.safe_load(existing.read_text())
-        diffs = _differences(old, to_dict(cfg))
+        changes = _differences(old, to_dict(cfg))
+        diffs = [f"{key}: {a!r} -> {b!r}" for key, a, b in changes if key not in CHANGEABLE_ON_RESUME]
         if diffs:
             raise RunDirError(
                 f"run directory {run_dir} belongs to a different config ({'; '.join(diffs[:5])}"
                 f"{'; ...' if len(diffs) > 5 else ''}). Nothing was changed. To resume it, run the "
-                f"same config; to start a new run, pass another --run-dir."
+                f"same config (only {', '.join(CHANGEABLE_ON_RESUME)} may change on a resume); to start a "
+                f"new run, pass another --run-dir."
             )
         return True
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -96,11 +105,34 @@ def resume_note(run_dir: Path, resuming: bool) -> str:
 
 
 def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Write ``cfg`` as the run's config; a change on resume (``check_run_dir`` allowed it) is recorded.
+
+    ``RUN/config_history.yaml`` lists each change: the step it took effect at (the checkpoint the
+    run resumes from) and every setting's old and new value. Writing the same config is a no-op.
+    """
+    from launcher import checkpoint
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG
+    changes = _differences(yaml.safe_load(path.read_text()), to_dict(cfg)) if path.is_file() else []
+    if path.is_file() and not changes:
+        return
+    if changes:
+        newest = checkpoint.latest_valid(run_dir, quiet=True)
+        step = checkpoint.read_trainer_state(newest)["step"] if newest is not None else 0
+        history_path = run_dir / CONFIG_HISTORY
+        history = yaml.safe_load(history_path.read_text()) if history_path.is_file() else []
+        entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        history.append({**entry, "changes": {key: {"from": a, "to": b} for key, a, b in changes}})
+        tmp = run_dir / f".{CONFIG_HISTORY}.tmp"
+        with writing(history_path, cleanup=tmp):
+            tmp.write_text(yaml.safe_dump(history, sort_keys=False))
+            os.replace(tmp, history_path)
+        log.info("from step %d: %s", step, "; ".join(f"{key} {a!r} -> {b!r}" for key, a, b in changes))
     tmp = run_dir / f".{CONFIG}.tmp"
-    with writing(run_dir / CONFIG, cleanup=tmp):
+    with writing(path, cleanup=tmp):
         tmp.write_text(dump_yaml(cfg))
-        os.replace(tmp, run_dir / CONFIG)
+        os.replace(tmp, path)
 
 
 _HELD_LOCKS: dict[Path, int] = {}  # run directory -> the descriptor whose flock this process holds

@@ -69,10 +69,11 @@ def resolve_source(source: Path, command: str, recorded: dict[str, Any] | None =
             )
     elif (
         source.is_dir()
-        and (source.parents[1] / CONFIG).is_file()
-        and checkpoint.checkpoints_root(source.parents[1]) == source.parent
+        and len(parents := source.absolute().parents) > 1  # a name with no folder above it is no checkpoint
+        and (parents[1] / CONFIG).is_file()
+        and checkpoint.checkpoints_root(parents[1]) == parents[0]
     ):
-        run_dir, ckpt = source.parents[1], source
+        run_dir, ckpt = parents[1], source
         problem = checkpoint.validate(ckpt)
         if problem:
             raise ConfigError(

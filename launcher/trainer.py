@@ -34,10 +34,9 @@ from launcher.data import open_dataset
 from launcher.data.sampling import ResumableSampler, SeededDataset, build_loader
 from launcher.data.transforms import build_transform
 from launcher.embeddings import FeatureCache
-from launcher.errors import ConfigError, DataError, UserError
+from launcher.errors import ConfigError, DataError, RunDirError, UserError
 from launcher.evaluate import build_eval_loader, evaluate
 from launcher.runs import (
-    CONFIG,
     MetricsLog,
     last_evaluated_step,
     lock_run_dir,
@@ -252,6 +251,12 @@ class Trainer:
             raise ConfigError(f"cannot build method {cfg.method.name!r}: {e}") from None
         with acc.main_process_first():  # rank 0 first: SVHN converts its .mat files on first use
             base = open_dataset(cfg.data, cfg.method.img_size)
+            classes = getattr(base, "classes", None)  # an image folder's class names: they define the labels
+            if classes is not None and hasattr(model, "check_classes"):
+                try:
+                    model.check_classes(classes)
+                except ValueError as e:
+                    raise ConfigError(f"data.root {cfg.data.root}: {e}") from None
             self.eval_loader = None
             if cfg.eval.data is not None:
                 if not hasattr(model, "predict"):
@@ -260,7 +265,7 @@ class Trainer:
                     )
                 try:
                     self.eval_loader = build_eval_loader(
-                        cfg.eval, cfg.method.img_size, acc.process_index, acc.num_processes
+                        cfg.eval, cfg.method.img_size, acc.process_index, acc.num_processes, classes
                     )
                 except DataError as e:
                     raise DataError(f"evaluation set (eval.data, the keys that differ from data): {e}") from None
@@ -274,7 +279,7 @@ class Trainer:
         # owner: this process, until it exits (rank 0 holds the lock for all ranks).
         if acc.is_main_process:
             lock_run_dir(self.run_dir)
-        if acc.is_main_process and not (self.run_dir / CONFIG).is_file():
+        if acc.is_main_process:  # a new run's config, or a resume's change of CHANGEABLE_ON_RESUME
             write_config(self.run_dir, cfg)
         acc.wait_for_everyone()
         setup_logging(self.run_dir, acc.process_index)
@@ -325,10 +330,55 @@ class Trainer:
         if path is None:
             return False
         self.accelerator.load_state(str(path))
+        self._check_random_states(path)
         self.state = TrainState(**checkpoint.read_trainer_state(path))  # train_seconds: 0 if older
         self.saved_step = self.state.step
         log.info("resumed from %s (step %d, epoch %d)", path, self.state.step, self.state.epoch)
         return True
+
+    def _check_random_states(self, path: Path) -> None:
+        """Stop unless this rank's RNG states were restored from ``path``: resume is exact or does not happen.
+
+        Accelerate logs a random-states file it cannot load at INFO and carries on, which would make
+        the resumed losses differ from an uninterrupted run's with nothing said.
+        """
+        from accelerate.utils import load
+        from accelerate.utils.constants import RNG_STATE_NAME
+
+        rng_file = path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl"
+        try:
+            states = load(rng_file)
+            restored = torch.equal(torch.get_rng_state(), states["torch_manual_seed"])
+        except Exception as e:  # whatever unpickling a damaged file raises
+            restored, why = False, f"{type(e).__name__}: {e}"
+        else:
+            why = "the restored state differs from the file's"
+        # Every rank stops, or none does: one rank alone would leave the others waiting for ever.
+        failed = self.accelerator.reduce(torch.tensor([0.0 if restored else 1.0], device=self.accelerator.device))
+        if not failed.item():
+            return
+        if restored:
+            rng_file, why = path / f"{RNG_STATE_NAME}_*.pkl", "another rank's file could not be restored"
+        older = [p for p in checkpoint.list_checkpoints(self.run_dir) if p != path and checkpoint.validate(p) is None]
+        fallback = (
+            f"move {path} aside to resume exactly from {older[0]}"
+            if older
+            else f"there is no older checkpoint: move {path} aside to start the run over"
+        )
+        raise RunDirError(
+            f"cannot restore the random states of {rng_file} ({why}); a resume without them would not repeat "
+            f"the uninterrupted run's losses. The file is damaged: {fallback}."
+        )
+
+    def diverged(self, what: str) -> DivergedError:
+        """The error that stops a run whose loss or weights are no longer finite, with advice that works."""
+        last_good = checkpoint.latest_valid(self.run_dir)
+        return DivergedError(
+            f"{what}; nothing since was saved. The last good checkpoint is {last_good or 'none'}. Lower "
+            f"optim.blr, set optim.clip_grad or train.mixed_precision=no, then run the same command with that "
+            f"change to resume from it (the run's config_history.yaml records the change and the step it took "
+            f"effect at)."
+        )
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of this step atomically; on a full disk remove what was written and say so."""
@@ -584,12 +634,9 @@ class Trainer:
         }
         self._window = Window.start()
         if first_nonfinite:
-            last_good = checkpoint.latest_valid(self.run_dir)
-            raise DivergedError(
+            raise self.diverged(
                 f"the loss became non-finite at step {first_nonfinite} (found at step {self.state.step}, "
-                f"checked every {cfg.train.check_every} steps); nothing since was saved. The last good checkpoint "
-                f"is {last_good or 'none'}. Lower optim.blr, set optim.clip_grad or train.mixed_precision=no, "
-                f"then run the same command to resume."
+                f"checked every {cfg.train.check_every} steps)"
             )
         if self.state.bad_samples > cfg.data.max_bad_samples:
             raise DataError(

@@ -141,6 +141,7 @@ class ViTClassifier(nn.Module):
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
         self.cfg = cfg
+
         self.encoder = cfg.build_encoder()
         width = self.encoder.embed_dim
         # Positions are learnt while fine-tuning, as in MAE (timm's ViT), from the fixed sin-cos
@@ -186,6 +187,15 @@ class ViTClassifier(nn.Module):
             )
 
     # ------------------------------------------------------------------ weights
+
+    def check_classes(self, classes: list[str]) -> None:
+        """Refuse a training set whose classes the head does not match one to one (``ValueError``)."""
+        if self.cfg.task == "classification" and len(classes) != self.cfg.num_classes:
+            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            raise ValueError(
+                f"method.num_classes is {self.cfg.num_classes} but the training set has {len(classes)} classes "
+                f"({shown}); set method.num_classes={len(classes)}"
+            )
 
     def initialize(self) -> None:
         """Load the pretrained encoder (``cfg.pretrained``): what a run starts from, once.

@@ -78,7 +78,7 @@ def bench_data(args: argparse.Namespace) -> int:
         cfg = DataConfig(name="imagefolder", root=str(root), augment="mae", resample=resample)
         dataset = SeededDataset(open_dataset(cfg, args.img_size), build_transform(cfg, args.img_size), seed=0)
         pipelines[f"data.resample={resample}"] = dataset
-    paths = [path for path, _ in next(iter(pipelines.values())).base.dataset.samples][: args.images]
+    paths = [path for path, _ in next(iter(pipelines.values())).base.samples][: args.images]
     decoders = _decoders()
 
     rates: dict[str, list[float]] = {name: [] for name in [*pipelines, *decoders]}

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,26 +43,140 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """The whole image at ``path`` decoded, as RGB (a truncated file fails here, not later)."""
+    """The whole image at ``path`` decoded, as RGB (a truncated file fails here, not later).
+
+    PIL's own conversion of a 16-bit or 32-bit greyscale image to RGB clips every value above 255,
+    so such an image is scaled from its format's range instead (16-bit PNGs: 0..65535).
+    """
     with Image.open(path) as image:
         image.load()
+        if image.mode.startswith("I") or image.mode == "F":
+            return Image.fromarray(_to_uint8(np.asarray(image), image.mode)).convert("RGB")
         return image.convert("RGB")
 
 
+def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    values = pixels.astype(np.float64)
+    if mode == "F":  # floating-point samples: 0..1, or already 0..255
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+    elif mode.startswith("I;16") or values.max(initial=0) > 255:
+        top = 65535.0  # PIL reads 16-bit greyscale PNGs and TIFFs as I;16, or as I
+    else:
+        top = 255.0
+    return np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class ImageListing:
+    """What an ImageNet-layout folder holds: class names (sorted), (path, class index) samples, and
+    the entries passed over with the reason (not a regular file, a directory link into the tree)."""
+
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    skipped: list[tuple[str, str]]
+
+
+def list_image_folder(root: Path) -> ImageListing:
+    """List ``root/CLASS/**/IMAGE``, reading no image and following no link back into the tree.
+
+    Only regular files are samples: a FIFO, socket or device named like an image would block a
+    reader for ever. A directory link that points inside the tree, or at a folder above it, is not
+    followed (a link ``up -> ..`` would list every image again and again, under the wrong class).
+    Each entry passed over is logged once with the reason.
+    """
+    root = Path(root)
+    top = Path(os.path.realpath(root))
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as e:
+        raise _unreadable(root, e) from None
+    listing = ImageListing([], [], [])
+    visited = {top}
+    for entry in entries:
+        if not entry.is_dir():
+            continue
+        if entry.is_symlink() and _inside_or_above(Path(os.path.realpath(entry.path)), top):
+            listing.skipped.append((entry.path, "a directory link into the data set or above it: not followed"))
+            continue
+        index = len(listing.classes)
+        listing.classes.append(entry.name)
+        _walk(Path(entry.path), index, top, visited, listing)
+    for path, why in listing.skipped:
+        log.warning("%s: skipped (%s)", path, why)
+    if not listing.classes:
+        raise DataError(
+            f"{root} holds no class folders. An image folder holds one sub-directory per class with the "
+            f"images inside (ImageNet layout: .../train/n01440764/*.JPEG)."
+        )
+    found = {c for _, c in listing.samples}
+    empty = [name for c, name in enumerate(listing.classes) if c not in found]
+    if empty:
+        raise DataError(
+            f"{root}: no image file ({', '.join(IMAGE_EXTENSIONS)}) in the class folder(s) {', '.join(empty)}. "
+            f"Put images there or remove the folder(s)."
+        )
+    return listing
+
+
+def _walk(folder: Path, index: int, top: Path, visited: set[Path], listing: ImageListing) -> None:
+    real = Path(os.path.realpath(folder))
+    if real in visited and real != top:
+        listing.skipped.append((str(folder), f"{real} is listed already: not followed again"))
+        return
+    visited.add(real)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise _unreadable(folder, e) from None
+    for entry in entries:
+        if entry.is_dir():  # follows links
+            if entry.is_symlink() and _inside_or_above(Path(os.path.realpath(entry.path)), top):
+                listing.skipped.append((entry.path, "a directory link into the data set or above it: not followed"))
+            else:
+                _walk(Path(entry.path), index, top, visited, listing)
+        elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            try:
+                regular = stat.S_ISREG(entry.stat().st_mode)
+            except OSError as e:
+                listing.skipped.append((entry.path, f"cannot be read: {e.strerror}"))
+                continue
+            if regular:
+                listing.samples.append((entry.path, index))
+            else:
+                listing.skipped.append((entry.path, "not a regular file (a FIFO, socket or device): never read"))
+
+
+def _inside_or_above(target: Path, top: Path) -> bool:
+    return target == top or top in target.parents or target in top.parents
+
+
+def _unreadable(folder: Path, error: OSError) -> DataError:
+    return DataError(
+        f"cannot list {folder}: {error.strerror}. Give this user read and execute permission on it "
+        f"(chmod u+rx), or point data.root elsewhere."
+    )
+
+
 def check_image_folder(root: Path, num_workers: int = 1) -> tuple[int, list[tuple[str, str]]]:
-    """Decode every image of an ImageNet-layout folder: (how many, [(path, why) for each bad one])."""
+    """Decode every image of an ImageNet-layout folder: (how many, [(path, why) for each bad one]).
+
+    An entry named like an image that is no regular file is a bad one: it is never read.
+    """
     from concurrent.futures import ProcessPoolExecutor
 
-    from torchvision.datasets import ImageFolder
-
-    folder = ImageFolder(str(root), loader=lambda path: path)  # list the files, open none
-    paths = [path for path, _ in folder.samples]
+    listing = list_image_folder(root)  # list the files, open none
+    paths = [path for path, _ in listing.samples]
     if num_workers > 1:
         with ProcessPoolExecutor(num_workers) as pool:
             problems = list(pool.map(image_problem, paths, chunksize=256))
     else:
         problems = [image_problem(p) for p in paths]
-    return len(paths), [(p, why) for p, why in zip(paths, problems) if why is not None]
+    not_images = [(p, why) for p, why in listing.skipped if p.lower().endswith(IMAGE_EXTENSIONS)]
+    bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
+    return len(paths) + len(not_images), bad + not_images
 
 
 def image_problem(path: str) -> str | None:
@@ -79,22 +195,14 @@ def sequential_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
 
 @register_dataset("imagefolder")
 def open_imagefolder(cfg: DataConfig, img_size: int) -> BaseDataset:
-    from torchvision.datasets import ImageFolder
-
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(
             f"data.root {root} is not a directory. For data.name=imagefolder it must hold one "
             f"sub-directory per class with the images inside (ImageNet layout: .../train/n01440764/*.JPEG)."
         )
-    try:
-        folder = ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(
-            f"data.root {root} is not an image folder ({e}). It must hold one sub-directory per class "
-            f"with .jpg/.png/... images inside (ImageNet layout)."
-        ) from None
-    return LabelledImages(folder)
+    listing = list_image_folder(root)
+    return LabelledImages(listing.classes, listing.samples)
 
 
 @register_dataset("stl10")
@@ -110,17 +218,33 @@ def open_svhn(cfg: DataConfig, img_size: int) -> BaseDataset:
 
 
 class LabelledImages(Dataset):
-    """(RGB PIL image, class label tensor) from a torchvision ``ImageFolder``; an unreadable file is a
+    """(RGB PIL image, class label tensor) of an image folder's samples; an unreadable file is a
     ``BadSample`` naming it (the pipeline replaces it; ``launch data check`` lists them all)."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, classes: list[str], samples: list[tuple[str, int]]) -> None:
+        self.classes, self.samples = classes, samples
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.samples)
+
+    def relabel(self, classes: list[str]) -> None:
+        """Label every sample by its class's index in ``classes`` (another set's names, e.g. training's)."""
+        extra = [name for name in self.classes if name not in classes]
+        if extra:
+            raise DataError(
+                f"the class folder(s) {', '.join(extra)} are not classes of the training set "
+                f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): a model trained on those "
+                f"classes cannot be scored on them. Remove them from the evaluation set or add them to training."
+            )
+        missing = [name for name in classes if name not in self.classes]
+        if missing:
+            log.warning("the evaluation set has no images of class(es) %s; scored on the others", ", ".join(missing))
+        index = {name: classes.index(name) for name in self.classes}
+        self.samples = [(path, index[self.classes[target]]) for path, target in self.samples]
+        self.classes = list(classes)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, torch.Tensor]:
-        path, target = self.dataset.samples[index]
+        path, target = self.samples[index]
         try:
             image = read_image(path)
         except IMAGE_ERRORS as e:

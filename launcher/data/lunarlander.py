@@ -13,6 +13,8 @@ seeded, so the same arguments give the same arrays whatever the number of worker
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import multiprocessing
@@ -304,6 +306,35 @@ def _fill(
     return num_episodes
 
 
+def _needed_bytes(num_frames: int, size: int) -> int:
+    """The disk space a set of ``num_frames`` frames of ``size`` pixels takes (array headers aside)."""
+    return sum(
+        int(np.prod(_array_shape(name, num_frames, size))) * dtype.itemsize for name, (dtype, _) in _ARRAYS.items()
+    )
+
+
+def _reserve(path: Path, num_frames: int, size: int) -> None:
+    """Allocate a memory-mapped array's file on disk now.
+
+    A memory map over a sparse file takes its disk blocks at the first write of each page; on a
+    full disk that write kills the process with SIGBUS, with no message and no cleanup. Allocated
+    here, a full disk is an ``OSError`` before the first frame.
+    """
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            free = shutil.disk_usage(path.parent).free
+            raise DataError(
+                f"no space on the disk of {path.parent.parent} for the LunarLander set: {num_frames} frames of "
+                f"{size}x{size} need {_needed_bytes(num_frames, size) / 2**20:.1f} MiB and "
+                f"{free / 2**20:.1f} MiB are free there ({e.strerror}). Free some space or pass an --out on a "
+                f"larger disk (or fewer --frames); nothing was kept."
+            ) from None
+
+
 def _generate_into(
     tmp: Path,
     num_frames: int,
@@ -318,6 +349,7 @@ def _generate_into(
     for name, (dtype, _) in _ARRAYS.items():
         shape = _array_shape(name, num_frames, size)
         arrays[name] = open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+        _reserve(tmp / f"{name}.npy", num_frames, size)
 
     if num_workers == 1:
         runner = _Runner.create(agent, size, seed, max_episode_steps)
@@ -395,10 +427,18 @@ def generate_lunarlander(
     out = Path(out)
     _check_generate_args(num_frames, size, agent, num_workers, seed, max_episode_steps)
     _check_out_free(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_partials(out)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # innermost first
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        _remove_empty(made)
+        raise DataError(
+            f"cannot write the LunarLander set into {out.parent} ({e.strerror}: {e.filename}); --out must be a "
+            f"new or empty folder inside a folder you can write. Choose another --out."
+        ) from None
+    _remove_abandoned_partials(out)
     logger.info(
         "generating %d LunarLander frames (%dx%d, %s agent, seed %d, %d workers) into %s",
         num_frames,
@@ -418,6 +458,7 @@ def generate_lunarlander(
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
     logger.info(
         "wrote %d frames in %d episodes to %s in %.1f s",
@@ -427,6 +468,13 @@ def generate_lunarlander(
         time.perf_counter() - start,
     )
     return out
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed generation made, innermost first, where they are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _remove_abandoned_partials(out: Path) -> None:

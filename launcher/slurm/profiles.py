@@ -13,6 +13,7 @@ of the user directories from what SLURM itself reports (``discover.py``).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,15 @@ def check_shared(path: Path, what: str) -> None:
 def user_profile_dir() -> Path:
     """Where profiles of one's own go: ``$LAUNCH_CLUSTERS``, else ``~/.config/launch/clusters``."""
     return Path(os.environ.get("LAUNCH_CLUSTERS") or Path.home() / ".config" / "launch" / "clusters")
+
+
+def check_profile_name(name: str) -> None:
+    """A name ``launch cluster init`` may write: one file in the profile folder that ``--cluster NAME`` finds."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name.endswith((".yaml", ".yml")):
+        raise ConfigError(
+            f"cluster profile name {name!r} must be letters, digits, '.', '_' and '-', starting with a letter "
+            f"or digit and without .yaml: it names {user_profile_dir()}/NAME.yaml, which --cluster NAME finds"
+        )
 
 
 def profile_dirs() -> list[Path]:

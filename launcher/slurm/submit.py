@@ -113,12 +113,14 @@ def submit(work: Work, request: Request, dry_run: bool = False) -> Submission:
             f"about {STARTUP_S} s. Ask for at least --time {need}."
         )
     directory = work.directory(profile)
+    parameters = work.sbatch_parameters(profile, res)
+    check_script_values(parameters, directory, res.cluster)
     check_shared(directory, "run directory")
     resuming = work.check(directory, res)
     if dry_run:
         if shutil.which("sbatch"):
             check_partition(res)
-        script = render_sbatch(work.sbatch_parameters(profile, res), directory, max_requeues)
+        script = render_sbatch(parameters, directory, max_requeues)
         return Submission(work.dry_run_text(directory, resuming, res, script))
     check_cluster(res)
     if resuming and (directory / LAUNCH_JSON).is_file():
@@ -129,7 +131,7 @@ def submit(work: Work, request: Request, dry_run: bool = False) -> Submission:
         directory,
         profile,
         res,
-        work.sbatch_parameters(profile, res),
+        parameters,
         max_requeues,
     )
     return Submission(work.submitted_text(job_id, directory, resuming, res), job_id)
@@ -328,6 +330,62 @@ class SweepWork(Work):
             f"{res.partition}): sweep {self.sweep.name}, {self.sweep.num_trials} trials"
             f"{' (restoring)' if resuming else ''}\nsweep directory {directory}\n{_follow_hints(directory)}\n"
             f"  launch report {directory}   # once it has finished"
+        )
+
+
+# ----------------------------------------------------------------------------- what reaches the script
+
+# Where each sbatch parameter comes from, to name it in an error ({cluster}: the profile's name).
+SCRIPT_FIELDS = {
+    "job_name": "the job name",
+    "partition": "the partition (--partition, or partition in cluster profile {cluster})",
+    "account": "account in cluster profile {cluster}",
+    "qos": "qos in cluster profile {cluster}",
+    "constraint": "constraint in cluster profile {cluster}",
+    "mem": "mem_gb in cluster profile {cluster}",
+    "setup": "a setup line of cluster profile {cluster}",
+}
+# sbatch reads these out of an #SBATCH line itself: a backslash escapes the next character even
+# inside quotes, and a line naming a heterogeneous job component starts a new job description.
+SBATCH_MISREAD = ("\\", "hetjob", "packjob")
+
+
+def check_script_values(parameters: dict[str, Any], directory: Path, cluster: str) -> None:
+    """Refuse a value that could end a line or a word of the sbatch script, before anything is written.
+
+    submitit shell-quotes every #SBATCH value and every argument of the srun line, so ``;``, ``&``,
+    ``|``, ``$()``, backticks, quotes, ``#`` and non-ASCII text stay one word. What quoting cannot
+    hold is a control character: a newline (or carriage return) inside a quoted #SBATCH value ends
+    that comment line, so the rest would run as a command and sbatch would stop reading the
+    directives after it. The setup lines are commands by design; each must still be one line.
+    """
+    values = [("the job's directory (--run-dir or --study-dir, or runs_dir of the profile and the name)", directory)]
+    for key, value in parameters.items():
+        label = SCRIPT_FIELDS.get(key, f"sbatch parameter {key}").format(cluster=repr(cluster))
+        items = value if isinstance(value, (list, tuple)) else [value]
+        values += [(label, item) for item in items if not isinstance(item, (bool, int, float, dict))]
+    for label, value in values:
+        text = str(value)
+        bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise ConfigError(
+                f"{label} {text!r} holds the control character {bad!r}: in the sbatch script it would end a "
+                f"line and run the rest as a command. Remove it (every value of a SLURM job must be one line "
+                f"of printable text)."
+            )
+        if label.startswith("a setup line"):
+            continue
+        misread = next((m for m in SBATCH_MISREAD if m in text.lower()), None)
+        if misread is not None:
+            raise ConfigError(
+                f"{label} {text!r} holds {misread!r}, which sbatch reads itself inside an #SBATCH line (a "
+                f"backslash as an escape even inside quotes, hetjob/packjob as the start of another job), so "
+                f"the job would not get this value. Remove it from the value."
+            )
+    if "%" in str(directory):
+        raise ConfigError(
+            f"the job's directory {directory} holds '%', which SLURM reads as a pattern (%j, %t...) in the "
+            f"log file names it writes there. Use a directory without '%' (--run-dir, or the profile's runs_dir)."
         )
 
 

@@ -130,8 +130,8 @@ def parse_budget(text: str) -> float:
         value = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError):
         raise ConfigError(f"--budget {text!r} is not a wall time: seconds, or 90s, 15m, 2h") from None
-    if value <= 0:
-        raise ConfigError("--budget must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"--budget {text!r} is not a positive, finite wall time: give seconds, or 90s, 15m, 2h")
     return value
 
 

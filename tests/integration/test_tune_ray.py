@@ -26,6 +26,44 @@ def _results(sweep_dir: Path) -> dict[str, str]:
     return {p.parent.name: p.read_text() for p in sweep_dir.glob("*/result.json") if p.read_text().strip()}
 
 
+# Loaded by every Python process of the test's sweep (PYTHONPATH): the ae_iffp trial starts only once
+# the file $LAUNCH_TEST_GATE exists. So the first run is killed with exactly one trial finished, however
+# fast the machine is; the test creates the file before the second run.
+GATE_SITECUSTOMIZE = """
+import importlib.abc
+import importlib.util
+import os
+import sys
+import time
+
+
+class GateTrials(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "launcher.studies.ae_losses":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            run_trial = module.run_trial
+
+            def gated(trial, trial_dir, sweep):
+                while trial["procedure"] == "ae_iffp" and not os.path.exists(os.environ["LAUNCH_TEST_GATE"]):
+                    time.sleep(0.2)
+                return run_trial(trial, trial_dir, sweep)
+
+            module.run_trial = gated
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, GateTrials())
+"""
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_reruns_only_its_missing_trials(tmp_path: Path) -> None:
     (tmp_path / "tiny.yaml").write_text(TINY_SWEEP)
@@ -43,13 +81,21 @@ def test_a_killed_sweep_reruns_only_its_missing_trials(tmp_path: Path) -> None:
     # Its own Ray temp dir (short: Ray's socket paths are length-limited), so nothing here
     # touches another Ray instance on the machine.
     ray_tmp = tempfile.mkdtemp(prefix="ray-test-", dir="/tmp")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate" / "sitecustomize.py").write_text(GATE_SITECUSTOMIZE)
+    gate = tmp_path / "second-trial-may-run"
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tmp_path / 'gate'}:{REPO}",
+        "RAY_TMPDIR": ray_tmp,
+        "LAUNCH_TEST_GATE": str(gate),
+    }
     sweep_dir = tmp_path / "runs" / "tiny"
     first = subprocess.Popen(
         command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 240  # a bound for a broken sweep, not a sequence: the gate orders the trials
         # A trial's result.json is written before the driver saves its experiment state; a
         # restore trusts only the latter, so wait for it to record the first trial as finished.
         while not _terminated_in_state(sweep_dir) and time.time() < deadline and first.poll() is None:
@@ -62,6 +108,7 @@ def test_a_killed_sweep_reruns_only_its_missing_trials(tmp_path: Path) -> None:
             os.killpg(first.pid, signal.SIGKILL)
     time.sleep(3)  # Ray's workers exit once their raylet is gone
     done_before = _results(sweep_dir)
+    gate.touch()  # the second run may run the ae_iffp trial
 
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     shutil.rmtree(ray_tmp, ignore_errors=True)

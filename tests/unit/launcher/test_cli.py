@@ -80,8 +80,8 @@ def test_a_run_dir_of_another_config_is_refused_untouched(tmp_path: Path, capsys
     ]
     assert main(base) == 0
     config = (tmp_path / "run" / "config.yaml").read_text()
-    assert main(base + ["optim.blr=0.5"]) == 2
-    assert "belongs to a different config (optim.blr: 0.00015 -> 0.5)" in capsys.readouterr().err
+    assert main(base + ["optim.weight_decay=0.5"]) == 2
+    assert "belongs to a different config (optim.weight_decay: 0.05 -> 0.5)" in capsys.readouterr().err
     assert (tmp_path / "run" / "config.yaml").read_text() == config
     assert main(base) == 0  # the same config: resumes (already finished)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from launcher.config import parse_override
@@ -52,3 +54,41 @@ def test_an_empty_file_and_a_key_given_twice_are_refused(tmp_path, text: str, me
     with pytest.raises(ConfigError, match=message) as raised:
         read_yaml(path)
     assert "\n" not in str(raised.value)  # one paragraph
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        "optim.blr=nan",
+        "optim.blr=inf",
+        "optim.blr=.nan",
+        "optim.min_lr=-.inf",
+        "optim.clip_grad=.inf",
+        "data.min_crop_scale=NaN",
+    ],
+)
+def test_nan_and_infinities_are_refused_where_a_float_is_read(tmp_path: Path, capsys, flags: str) -> None:
+    from tests.helpers import launch
+
+    assert launch(f"pretrain pcae --dry-run --run-dir {tmp_path / 'run'} {flags}") == 2
+    key = flags.split("=")[0]
+    assert f"{key} must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "infm", "-inf"])
+def test_a_study_budget_must_be_a_finite_wall_time(tmp_path: Path, capsys, budget: str) -> None:
+    from tests.helpers import launch
+
+    assert launch(f"study pcae-vs-mae --dry-run --budget={budget} --study-dir {tmp_path / 'study'}") == 2
+    assert "is not a positive, finite wall time" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
+
+
+def test_an_experiment_file_that_is_not_utf8_is_one_paragraph(tmp_path: Path, capsys) -> None:
+    from tests.helpers import launch
+
+    (tmp_path / "latin1.yaml").write_bytes("optim: {blr: 1.0e-3}  # réglé\n".encode("latin-1"))
+    assert launch(f"pretrain pcae --dry-run --experiment {tmp_path / 'latin1.yaml'} --run-dir {tmp_path / 'r'}") == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text" in err and "save it as UTF-8" in err and "Traceback" not in err

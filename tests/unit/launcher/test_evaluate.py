@@ -39,3 +39,43 @@ def test_on_screen_only_on_images_is_refused(tmp_path: Path) -> None:
     data = DataConfig(name="imagefolder", root=str(make_image_folder(tmp_path / "images")), num_workers=0)
     with pytest.raises(ConfigError, match="eval.on_screen_only is for LunarLander"):
         build_eval_loader(EvalConfig(data=data, on_screen_only=True), 64, 0, 1)
+
+
+def _finetune(images: Path, eval_root: Path, tmp_path: Path, **method_fields):
+    from launcher.experiment import experiment_from_dict
+    from launcher.trainer import Trainer
+    from tests.helpers import finetune_experiment
+
+    raw = finetune_experiment(images, **method_fields)
+    raw["eval"]["data"]["root"] = str(eval_root)
+    return Trainer(experiment_from_dict(raw), tmp_path / "run")
+
+
+def test_class_names_not_positions_label_the_evaluation_set(tmp_path: Path) -> None:
+    import shutil
+
+    images = make_image_folder(tmp_path / "train", per_class=4)
+    evaluation = make_image_folder(tmp_path / "eval", per_class=2, seed=1)
+    shutil.rmtree(evaluation / "n00000000")  # no images of the first class: the others keep labels 1 and 2
+    trainer = _finetune(images, evaluation, tmp_path)
+    scored = torch.cat([batch["label"] for batch in trainer.eval_loader]).tolist()
+    assert sorted(scored) == [1, 1, 2, 2]
+
+
+def test_an_evaluation_class_the_training_set_lacks_is_refused_before_the_run(tmp_path: Path) -> None:
+    from launcher.errors import DataError
+
+    images = make_image_folder(tmp_path / "train", per_class=4)
+    evaluation = make_image_folder(tmp_path / "eval", num_classes=4, per_class=2, seed=1)
+    with pytest.raises(DataError, match=r"the class folder\(s\) n00000003 are not classes of the training set"):
+        _finetune(images, evaluation, tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_num_classes_must_match_the_class_folders_before_the_run(tmp_path: Path) -> None:
+    images = make_image_folder(tmp_path / "train", per_class=4)
+    with pytest.raises(
+        ConfigError, match=r"method.num_classes is 2 but the training set has 3 classes .*num_classes=3"
+    ):
+        _finetune(images, images, tmp_path, num_classes=2)
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from launcher import checkpoint
+from launcher.errors import RunDirError
 from launcher.experiment import experiment_from_dict
 from launcher.local import prepare_data
 from launcher.runs import read_metrics
@@ -165,6 +166,64 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(image_
     with pytest.raises(DivergedError, match=r"at step \d+.*last good checkpoint is .*step_"):
         trainer.fit()
     assert checkpoint.latest_valid(tmp_path / "run") is not None
+
+
+def test_the_advice_after_a_diverged_run_resumes_it_and_records_the_change(
+    image_folder: Path, tmp_path: Path, capsys
+) -> None:
+    import yaml
+
+    from tests.helpers import launch, write_yaml
+
+    # The warmup's first step has lr 0, so a checkpoint of step 1 holds good weights; then the lr is huge.
+    cfg = tiny_experiment("mae", image_folder, optim={"warmup_epochs": 1, "blr": 1e30})
+    Trainer(experiment_from_dict(cfg), tmp_path / "run").fit(until_step=1)
+    experiment = write_yaml(tmp_path / "mae.yaml", cfg)
+    command = f"pretrain mae --experiment {experiment} --run-dir {tmp_path / 'run'}"
+    assert launch(command) == 2
+    err = capsys.readouterr().err
+    assert "the loss became non-finite" in err and "run the same command with that change to resume" in err
+    last_good = checkpoint.latest_valid(tmp_path / "run")
+    assert last_good is not None and last_good.name == "step_0000001" and str(last_good) in err
+    # What the advice says: the same command with the optimiser's settings changed.
+    assert launch(f"{command} optim.blr=1e-3 optim.clip_grad=1.0") == 0, capsys.readouterr().err
+    assert "(resuming)" in capsys.readouterr().out
+    history = yaml.safe_load((tmp_path / "run" / "config_history.yaml").read_text())
+    assert [entry["step"] for entry in history] == [checkpoint.read_trainer_state(last_good)["step"]]
+    assert history[0]["changes"] == {
+        "optim.blr": {"from": 1e30, "to": 1e-3},
+        "optim.clip_grad": {"from": None, "to": 1.0},
+    }
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["blr"] == 1e-3
+    # Anything else still belongs to another config.
+    assert launch(f"{command} optim.blr=1e-3 optim.clip_grad=1.0 train.seed=1") == 2
+    assert "only optim.blr, optim.min_lr, optim.clip_grad, train.mixed_precision may change" in capsys.readouterr().err
+
+
+def _damage_random_states(path: Path) -> None:
+    """Overwrite rank 0's RNG file with garbage and update the manifest to match, as a bad disk block would not."""
+    from launcher.checkpoint import MANIFEST, _sha256
+
+    rng = path / "random_states_0.pkl"
+    rng.write_bytes(b"not a pickle" + bytes(range(64)))
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"][rng.name] = {"size": rng.stat().st_size, "sha256": _sha256(rng)}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.validate(path) is None
+
+
+def test_a_resume_whose_random_states_do_not_load_stops_naming_the_file(image_folder: Path, tmp_path: Path) -> None:
+    cfg = experiment_from_dict(tiny_experiment("mae", image_folder, train={"checkpoint_every": 2}))
+    run = tmp_path / "run"
+    Trainer(cfg, run).fit(until_step=4)
+    newest, older = checkpoint.list_checkpoints(run)[:2]
+    _damage_random_states(newest)
+    with pytest.raises(RunDirError, match="cannot restore the random states of .*random_states_0.pkl") as caught:
+        Trainer(cfg, run).resume()
+    assert f"move {newest} aside to resume exactly from {older}" in str(caught.value)
+    # Moved aside as told, the run resumes exactly from the older checkpoint.
+    newest.rename(tmp_path / "aside")
+    assert Trainer(cfg, run).resume()
 
 
 def test_learning_rate_schedule() -> None:

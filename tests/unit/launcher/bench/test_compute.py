@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from launcher.bench.compute import MatmulPeak
@@ -34,3 +35,24 @@ def test_bench_finetune_prints_gains_for_each_drop_ratio(capsys) -> None:
     out = capsys.readouterr().out
     assert "196 -> 117 -> 70 -> 42" in out  # the patch tokens of each stage at drop ratio 0.4
     assert "throughput gain / FLOP gain, worst drop ratio" in out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("pretrain --sizes bogus", "unknown ViT size(s) 'bogus'; sizes are micro, tiny"),
+        ("pretrain --sizes micro, --steps 1", "unknown ViT size(s) ''"),
+        ("pretrain --steps 0", "--steps must be at least 1, got 0"),
+        ("pretrain --modes eager,jit", "--modes takes eager and/or compiled"),
+        ("finetune --drop-ratios 1.5", "--drop-ratios '1.5' must be comma-separated fractions"),
+        ("finetune --drop-ratios 0,1.5", "each in [0, 1), 0 first"),
+        ("finetune --drop-ratios 0,x", "must be comma-separated fractions"),
+        ("finetune --size bogus", "unknown ViT size(s) 'bogus'"),
+        ("ae-losses --steps -1", "--steps must be at least 1, got -1"),
+        ("data --images 0", "--images must be at least 1, got 0"),
+    ],
+)
+def test_bad_bench_flags_are_one_paragraph(capsys, flags: str, message: str) -> None:
+    assert launch(f"bench {flags}") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

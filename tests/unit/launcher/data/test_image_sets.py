@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,68 @@ def test_svhn_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not 32x32x3xN uint8"):
         SVHN(tmp_path, "extra")
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_a_fifo_named_like_an_image_is_skipped_and_reported(image_folder: Path, capsys, caplog) -> None:
+    from tests.helpers import launch
+
+    os.mkfifo(image_folder / "n00000001" / "pipe.jpg")  # reading it would block for ever
+    base = open_dataset(DataConfig(name="imagefolder", root=str(image_folder)), 32)
+    assert len(base) == 36 and all("pipe" not in path for path, _ in base.samples)
+    assert "pipe.jpg: skipped (not a regular file" in caplog.text
+    assert launch("data check", image_folder) == 2
+    out = capsys.readouterr().out
+    assert "pipe.jpg: not a regular file" in out and "1 of 37 images" in out
+
+
+def test_a_directory_link_back_into_the_tree_is_not_followed(image_folder: Path, capsys, caplog) -> None:
+    from tests.helpers import launch
+
+    (image_folder / "n00000000" / "up").symlink_to("..")  # once listed every image again, 40 levels deep
+    (image_folder / "n00000001" / "self").symlink_to(".")
+    base = open_dataset(DataConfig(name="imagefolder", root=str(image_folder)), 32)
+    assert len(base) == 36
+    assert [c for _, c in base.samples] == [0] * 12 + [1] * 12 + [2] * 12
+    assert "up: skipped (a directory link into the data set or above it" in caplog.text
+    assert launch("data check", image_folder) == 0
+    assert "all 36 images" in capsys.readouterr().out
+
+
+def test_a_class_folder_outside_the_tree_is_followed(image_folder: Path, tmp_path: Path) -> None:
+    from tests.helpers import make_image_folder
+
+    make_image_folder(tmp_path / "elsewhere", num_classes=1, per_class=2)
+    (image_folder / "n00000009").symlink_to(tmp_path / "elsewhere" / "n00000000")
+    base = open_dataset(DataConfig(name="imagefolder", root=str(image_folder)), 32)
+    assert len(base) == 38 and base.classes[-1] == "n00000009"
+
+
+def test_an_unreadable_class_folder_is_a_permission_problem(shared_tmp: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import make_image_folder
+
+    root = make_image_folder(shared_tmp / "images")
+    for path in (shared_tmp, root, *root.iterdir()):
+        path.chmod(0o755)
+    (root / "n00000001").chmod(0o000)
+    # root reads any folder: run the check as nobody there.
+    user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    code = "import sys; from launcher.cli import main; sys.exit(main(['data', 'check', sys.argv[1]]))"
+    proc = subprocess.run([*user, sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot list {root / 'n00000001'}: Permission denied" in proc.stderr and "chmod u+rx" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_16_bit_png_keeps_its_range(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from launcher.data.image_sets import read_image
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    pixels = np.asarray(read_image(tmp_path / "deep.png"))
+    assert pixels.shape == (64, 64, 3) and (pixels[..., 0] == pixels[..., 2]).all()
+    np.testing.assert_allclose(pixels[..., 0], ramp / 65535 * 255, atol=0.51)  # once 99.6% were 255

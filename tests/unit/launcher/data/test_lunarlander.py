@@ -362,3 +362,54 @@ def test_split_by_episode_needs_two_episodes(tmp_path: Path) -> None:
     data = LunarLanderFrames(_write_fake(tmp_path / "d", np.zeros((4, 8)), np.zeros(4)))
     with pytest.raises(DataError, match="single episode"):
         data.split_by_episode(0.5)
+
+
+def _in_own_mounts(tmp_path: Path, mount_options: str, *launch_args: str) -> tuple[int, str, list[str]]:
+    """``launch ARGS`` with ``tmp_path/disk`` a tmpfs of its own: (exit code, stderr, what is left in disk/small).
+
+    A mount namespace of our own (``unshare -rm``) needs no privileges where user namespaces are allowed.
+    """
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) for a tmpfs of the test's own")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    (tmp_path / "small").mkdir()
+    launch = f"import sys; from launcher.cli import main; sys.exit(main({list(launch_args)!r}))"
+    script = (
+        f'mount -t tmpfs -o {mount_options} tmpfs "{disk}" || exit 99; '
+        f'"{sys.executable}" -c "$0" 2>"{tmp_path}/err"; code=$?; ls -A "{disk}" > "{tmp_path}/left"; exit $code'
+    )
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, launch], cwd=tmp_path, timeout=300)
+    if proc.returncode == 99:
+        pytest.skip("this machine does not let an unprivileged mount namespace mount a tmpfs")
+    return proc.returncode, (tmp_path / "err").read_text(), (tmp_path / "left").read_text().split()
+
+
+def test_a_full_disk_is_one_paragraph_naming_the_space_and_leaves_nothing(tmp_path: Path) -> None:
+    # 300 frames of 64 x 64 take 3.5 MiB: more than the 1 MB disk, which once killed the process with SIGBUS.
+    code, err, left = _in_own_mounts(
+        tmp_path, "size=1m", "data", "lunarlander", "--frames", "300", "--out", "disk/small/g", "--workers", "1"
+    )
+    assert code == 2, err
+    (message,) = [line for line in err.splitlines() if line.startswith("launch data: error: ")]
+    assert "no space on the disk of disk/small" in message and "need 3.5 MiB" in message
+    assert "--out on a larger disk" in message and "Traceback" not in err
+    assert left == []  # no `.g.partial-*`, not even the folder `small` this call made
+
+
+def test_a_read_only_folder_is_one_paragraph(tmp_path: Path) -> None:
+    code, err, left = _in_own_mounts(tmp_path, "ro", "data", "lunarlander", "--frames", "3", "--out", "disk/g")
+    assert code == 2 and "cannot write the LunarLander set into disk (Read-only file system" in err
+    assert "Traceback" not in err and left == []
+
+
+def test_an_out_below_a_file_is_one_paragraph(tmp_path: Path, capsys) -> None:
+    from tests.helpers import launch
+
+    (tmp_path / "FILE").write_text("")
+    assert launch("data lunarlander --frames 3 --workers 1 --out", tmp_path / "FILE" / "x") == 2
+    assert "cannot write the LunarLander set into" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]

@@ -141,3 +141,14 @@ def test_cluster_init_without_slurm_exits_2_and_writes_nothing(home: Path, monke
     assert launch("cluster init mine") == 2
     assert "no `scontrol` on PATH: this machine does not see a SLURM cluster" in capsys.readouterr().err
     assert not (home / ".config" / "launch" / "clusters").exists()
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", ".hidden", "mine.yaml", "new\nline", ""])
+def test_cluster_init_refuses_a_name_that_is_not_one_file_of_the_profile_folder(
+    tmp_path: Path, monkeypatch, capsys, name: str
+) -> None:
+    monkeypatch.setenv("LAUNCH_CLUSTERS", str(tmp_path / "profiles"))
+    monkeypatch.setenv("PATH", "/nonexistent")  # asking SLURM is never reached
+    assert launch("cluster init", name) == 2
+    assert "must be letters, digits" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
