@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
-from launcher.config import parse_override
+from launcher.config import field_comments, parse_override
 from launcher.errors import ConfigError
 from launcher.experiment import experiment_from_dict, load_experiment
 from launcher.shipped import experiments_dir
@@ -52,3 +54,25 @@ def test_an_empty_file_and_a_key_given_twice_are_refused(tmp_path, text: str, me
     with pytest.raises(ConfigError, match=message) as raised:
         read_yaml(path)
     assert "\n" not in str(raised.value)  # one paragraph
+
+
+@dataclass
+class Commented:
+    """A config whose fields say what they are in comments."""
+
+    # above a field,
+    # over two lines
+    first: int
+    second: str = "# not a comment"  # after a field
+    third: float = 0.0
+
+    # above the last one
+    last: tuple[int, ...] = ()
+
+
+def test_field_comments_reads_what_each_field_says() -> None:
+    assert field_comments(Commented) == {
+        "first": "above a field, over two lines",
+        "second": "after a field",
+        "last": "above the last one",
+    }
