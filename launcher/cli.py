@@ -333,9 +333,19 @@ def on_slurm(args: argparse.Namespace, work) -> int:
         10 if max_requeues is None else max_requeues,
         profile=getattr(args, "profile", None),
     )
-    text = getattr(args, "profile_note", "") + submit(work, request, dry_run=getattr(args, "dry_run", False)).text
+    submission = submit(work, request, dry_run=getattr(args, "dry_run", False))
+    text = getattr(args, "profile_note", "") + submission.text
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    print_problems("a real submission from this machine", submission.problems)
     return 0
+
+
+def print_problems(what: str, problems: list[str]) -> None:
+    """After a dry run's output: what the real command would refuse on, so it can be fixed first."""
+    if problems:
+        sys.stdout.flush()
+        fix = "".join(f"  - {problem}\n" for problem in problems)
+        print(f"dry run only: {what} would refuse until these are fixed:\n{fix}", end="", file=sys.stderr)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -412,12 +422,14 @@ def recorded_method(run_dir: Path | None) -> dict | None:
 
 def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool) -> int:
     from launcher.config import dump_yaml
+    from launcher.data import data_problems
 
     print(
         f"# experiment: {experiment}\n# run directory: {run_dir}"
         f"{' (exists: would resume)' if resuming else ''}\n{dump_yaml(cfg)}",
         end="",
     )
+    print_problems("a real run on this machine", [str(e) for e in data_problems(cfg.data_sets())])
     return 0
 
 

@@ -8,8 +8,13 @@ profiles and sweeps use the same loader.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -178,6 +183,37 @@ def _finite(value: float, key: str) -> float:
     if not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value!r}; give it a real value (e.g. {key}=1e-4)")
     return value
+
+
+# ----------------------------------------------------------------------------- documentation
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in ``cls``'s source: the comment lines right above it, then the one after it.
+
+    A config dataclass documents its keys with comments; this reads them back, so that what a
+    key means is written once and the docs and generated files say the same.
+    """
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    trailing = {
+        tok.start[0]: tok.string
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    comments = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, row = [], node.lineno - 1  # 1-based line numbers: lines[row - 1] is the line above
+        while row >= 1 and lines[row - 1].lstrip().startswith("#"):
+            above.insert(0, lines[row - 1])
+            row -= 1
+        after = [trailing[node.end_lineno]] if node.end_lineno in trailing else []
+        text = " ".join(line.strip().lstrip("#").strip() for line in [*above, *after])
+        if text:
+            comments[node.target.id] = text
+    return comments
 
 
 # ----------------------------------------------------------------------------- saving

@@ -58,8 +58,12 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
-def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
-    """Whether ``run_dir`` already holds this config (a resume); raise if it holds another."""
+def check_run_dir(run_dir: Path, cfg: ExperimentConfig, writable: bool = True) -> bool:
+    """Whether ``run_dir`` already holds this config (a resume); raise if it holds another.
+
+    ``writable=False`` leaves out whether this user can create it (``check_writable``), which a
+    dry run for another machine lists instead of refusing.
+    """
     run_dir = Path(run_dir)
     blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
@@ -85,12 +89,19 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
             f"run directory {run_dir} exists, is not empty and has no {CONFIG}: it is not a run "
             f"of this tool. Pass another --run-dir."
         )
+    if writable:
+        check_writable(run_dir)
+    return False
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory this user cannot create (or write, when it exists)."""
+    run_dir = Path(run_dir)
     parent = run_dir if run_dir.exists() else next(p for p in run_dir.parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise RunDirError(
             f"cannot write the run directory {run_dir}: {parent} is not writable. Pass a --run-dir you can write to."
         )
-    return False
 
 
 def resume_note(run_dir: Path, resuming: bool) -> str:

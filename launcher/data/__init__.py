@@ -11,7 +11,7 @@ make resume exact are in ``sampling.py``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -137,6 +137,17 @@ def check_readable(cfg: DataConfig) -> None:
         raise DataError(
             f"data.root {root} is not readable by this user; fix its permissions or point data.root elsewhere."
         )
+
+
+def data_problems(sets: Iterable[DataConfig]) -> list[DataError]:
+    """What ``check_readable`` finds wrong with each of ``sets``, in order; raises nothing."""
+    problems = []
+    for cfg in sets:
+        try:
+            check_readable(cfg)
+        except DataError as e:
+            problems.append(e)
+    return problems
 
 
 def prepare(cfg: DataConfig, img_size: int) -> None:

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.slurm.profiles import ClusterProfile, SlurmError
+from launcher.slurm.profiles import ClusterProfile, SlurmError, commented_profile
 
 DEFAULT_RUNS_DIR = "~/launch-runs"  # under $HOME: shared by every node on nearly every cluster
 UNLIMITED_MIN = 24 * 60  # the default --time of a partition without a time limit
@@ -190,9 +190,7 @@ def profile_from(
 
 
 def profile_text(profile: ClusterProfile, description: ClusterDescription) -> str:
-    """The profile as YAML, with comments saying where each value came from."""
-    from launcher.config import to_dict
-
+    """The profile as YAML, with comments saying where the values came from and what each key means."""
     partition = description.partitions[profile.partition]
     preemptors = description.preemptors.get(profile.partition, [])
     header = [
@@ -204,11 +202,8 @@ def profile_text(profile: ClusterProfile, description: ClusterDescription) -> st
         "# Jobs of "
         + (", ".join(preemptors) + " preempt" if preemptors else "no other partition preempt")
         + " this partition's jobs (they get SIGUSR2, checkpoint and requeue).",
-        "# runs_dir must be on a filesystem every node sees.",
     ]
-    import yaml
-
-    return "\n".join(header) + "\n" + yaml.safe_dump(to_dict(profile), sort_keys=False)
+    return "\n".join(header) + "\n" + commented_profile(profile)
 
 
 def describe_text(description: ClusterDescription) -> str:

@@ -12,6 +12,7 @@ of the user directories from what SLURM itself reports (``discover.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.config import build_dataclass, load_yaml, yaml_problem
+from launcher.config import build_dataclass, field_comments, load_yaml, to_dict, yaml_problem
 from launcher.errors import ConfigError, RunDirError, UserError
 
 # Scratch folders that are local to each machine: submitit jobs fail silently there.
@@ -35,19 +36,35 @@ class SlurmError(UserError):
 
 @dataclass
 class ClusterProfile:
-    """One cluster profile (``NAME.yaml``): where and how jobs of this cluster run."""
+    """One cluster profile (``NAME.yaml``): where and how jobs of this cluster run.
 
+    The comment of each field is the key's documentation: ``launch cluster init`` writes it above
+    the key, and slurm/README.md's table of keys is ``profile_reference()``, checked by a test.
+    """
+
+    # the partition jobs go to (`--partition` overrides it)
     partition: str
-    runs_dir: str  # on a filesystem every node shares
+    # where runs go, an absolute path on a filesystem every node shares (under /tmp or /dev/shm is refused)
+    runs_dir: str
+    # the most nodes one job may ask for (`--nodes` beyond it is refused)
     max_nodes: int
+    # the job's time limit in minutes (`--time` overrides it)
     time_min: int
+    # the account jobs are charged to (sbatch `--account`); null: the user's default
     account: str | None = None
+    # the quality of service (sbatch `--qos`); null: the partition's default
     qos: str | None = None
+    # GPUs per node, one task each (`--gpus-per-node` overrides it); 0: one task per node, on CPUs
     gpus_per_node: int = 0
+    # CPUs of each task (sbatch `--cpus-per-task`), data loader workers included
     cpus_per_task: int = 1
+    # memory per node in GB (sbatch `--mem`); null: the partition's default
     mem_gb: float | None = None
+    # node features the job needs (sbatch `--constraint`, e.g. a100); null: any node
     constraint: str | None = None
+    # seconds before the time limit SLURM sends USR2, so that every rank checkpoints and the job requeues
     signal_delay_s: int = 90
+    # shell lines the sbatch script runs before srun (e.g. `module load cuda`, activating an environment)
     setup: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -59,6 +76,30 @@ class ClusterProfile:
         if not Path(self.runs_dir).is_absolute():
             raise ValueError(f"runs_dir must be an absolute path on a shared filesystem, got {self.runs_dir!r}")
         check_shared(Path(self.runs_dir), "runs_dir")
+
+
+YAML_TYPES = {"str": "string", "int": "integer", "float": "number", "tuple[str, ...]": "list of strings"}
+
+
+def profile_reference() -> str:
+    """The Markdown table of every profile key: type, default and meaning, from ``ClusterProfile`` itself."""
+    comments = field_comments(ClusterProfile)
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(ClusterProfile):
+        default = "required"
+        if f.default is not dataclasses.MISSING:  # as it reads in YAML: null, [], 90
+            value = list(f.default) if isinstance(f.default, tuple) else f.default
+            default = f"`{yaml.safe_dump({f.name: value}).strip().split(': ', 1)[1]}`"
+        kind, optional = f.type.removesuffix(" | None"), f.type.endswith(" | None")
+        kind = YAML_TYPES[kind] + (" or null" if optional else "")
+        rows.append(f"| `{f.name}` | {kind} | {default} | {comments[f.name]} |")
+    return "\n".join(rows) + "\n"
+
+
+def commented_profile(profile: ClusterProfile) -> str:
+    """``profile`` as YAML, each key under its meaning (the field's comment), so the file explains itself."""
+    comments = field_comments(ClusterProfile)
+    return "".join(f"# {comments[key]}\n{yaml.safe_dump({key: value})}" for key, value in to_dict(profile).items())
 
 
 def check_shared(path: Path, what: str) -> None:

@@ -5,9 +5,11 @@ describes its work (``TrainingWork``, ``ResumeWork``, ``SweepWork``) and calls `
 ``submit`` takes the same steps for all of them, in this order, so that bad input fails before
 anything is written or submitted: the profile and the flags that override it, the directory
 (shared by every node), the work's own checks (an existing run of another config, a batch that
-does not divide over the ranks), then, for a dry run, the partition and the exact sbatch script;
-otherwise the live cluster checks (``sbatch``, partition, node count), no active job in the
-directory, the work's files (``config.yaml`` / ``sweep.yaml``), the job, and ``launch.json``.
+does not divide over the ranks), then what this host lacks for a real submission (data it cannot
+read, a directory it cannot write) and the live cluster checks (``sbatch``, partition, node count).
+A dry run renders the exact sbatch script whatever that second group finds, and lists it; a
+submission refuses on the first of them, then checks that no job is active in the directory, writes
+the work's files (``config.yaml`` / ``sweep.yaml``), submits the job, and writes ``launch.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import build_dataclass, dump_yaml, to_dict
-from launcher.errors import ConfigError, RunDirError
+from launcher.errors import ConfigError, RunDirError, UserError
 from launcher.slurm.control import check_not_active
 from launcher.slurm.jobs import RaySweepJob, StudyJob, TrainingJob
 from launcher.slurm.profiles import (
@@ -74,6 +76,10 @@ class Work:
         """Refuse what cannot run; whether the directory holds this work already (it resumes)."""
         raise NotImplementedError
 
+    def missing(self, directory: Path, resuming: bool) -> list[UserError]:
+        """What this host lacks for a real submission: a dry run lists it, a submission refuses."""
+        return []
+
     def write(self, directory: Path) -> None:
         """The files the job reads (written only once every check has passed)."""
 
@@ -95,6 +101,8 @@ class Work:
 class Submission:
     text: str  # what to show the user: the dry run's config and script, or where the job went
     job_id: str | None = None  # None for a dry run
+    # A dry run's list of what a real submission from this host would refuse on, each a paragraph.
+    problems: list[str] = dataclasses.field(default_factory=list)
 
 
 def submit(work: Work, request: Request, dry_run: bool = False) -> Submission:
@@ -117,11 +125,16 @@ def submit(work: Work, request: Request, dry_run: bool = False) -> Submission:
     check_script_values(parameters, directory, res.cluster)
     check_shared(directory, "run directory")
     resuming = work.check(directory, res)
+    missing = work.missing(directory, resuming)
     if dry_run:
-        if shutil.which("sbatch"):
-            check_partition(res)
+        try:
+            check_cluster(res)
+        except SlurmError as e:
+            missing.append(e)
         script = render_sbatch(parameters, directory, max_requeues)
-        return Submission(work.dry_run_text(directory, resuming, res, script))
+        return Submission(work.dry_run_text(directory, resuming, res, script), problems=[str(e) for e in missing])
+    if missing:
+        raise missing[0]
     check_cluster(res)
     if resuming and (directory / LAUNCH_JSON).is_file():
         check_not_active(directory)
@@ -164,11 +177,8 @@ class TrainingWork(Work):
         return Path(self.run_dir or Path(profile.runs_dir) / self.default_name).resolve()
 
     def check(self, directory: Path, res: Resources) -> bool:
-        from launcher.data import check_readable
         from launcher.runs import check_run_dir, check_unlocked
 
-        for data in self.cfg.data_sets():
-            check_readable(data)
         train, world = self.cfg.train, res.nodes * res.tasks_per_node
         if train.global_batch_size % (train.micro_batch_size * world):
             raise ConfigError(
@@ -176,9 +186,22 @@ class TrainingWork(Work):
                 f"train.micro_batch_size x processes ({train.micro_batch_size} x {world}); "
                 f"change one of them or the number of nodes/GPUs"
             )
-        resuming = check_run_dir(directory, self.cfg)
+        resuming = check_run_dir(directory, self.cfg, writable=False)
         check_unlocked(directory)
         return resuming
+
+    def missing(self, directory: Path, resuming: bool) -> list[UserError]:
+        """Data sets this host cannot read (no data.root yet, say); a new run directory it cannot create."""
+        from launcher.data import data_problems
+        from launcher.runs import check_writable
+
+        problems: list[UserError] = list(data_problems(self.cfg.data_sets()))
+        if not resuming:
+            try:
+                check_writable(directory)
+            except RunDirError as e:
+                problems.append(e)
+        return problems
 
     def write(self, directory: Path) -> None:
         """The data sets this project generates (on this host, before any node waits for them), then the config."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from launcher.config import parse_override
+from launcher.config import field_comments, parse_override
 from launcher.errors import ConfigError
 from launcher.experiment import experiment_from_dict, load_experiment
 from launcher.shipped import experiments_dir
@@ -92,3 +93,25 @@ def test_an_experiment_file_that_is_not_utf8_is_one_paragraph(tmp_path: Path, ca
     assert launch(f"pretrain pcae --dry-run --experiment {tmp_path / 'latin1.yaml'} --run-dir {tmp_path / 'r'}") == 2
     err = capsys.readouterr().err
     assert "is not UTF-8 text" in err and "save it as UTF-8" in err and "Traceback" not in err
+
+
+@dataclass
+class Commented:
+    """A config whose fields say what they are in comments."""
+
+    # above a field,
+    # over two lines
+    first: int
+    second: str = "# not a comment"  # after a field
+    third: float = 0.0
+
+    # above the last one
+    last: tuple[int, ...] = ()
+
+
+def test_field_comments_reads_what_each_field_says() -> None:
+    assert field_comments(Commented) == {
+        "first": "above a field, over two lines",
+        "second": "after a field",
+        "last": "above the last one",
+    }

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from launcher.config import field_comments
 from launcher.slurm import discover
 from launcher.slurm.discover import ClusterDescription, Node, Partition
-from launcher.slurm.profiles import SlurmError
+from launcher.slurm.profiles import ClusterProfile, SlurmError, parse_profile
 
 
 def test_slurm_times_gres_and_records_parse() -> None:
@@ -58,3 +59,14 @@ def test_describe_text_lists_every_partition() -> None:
     assert "cluster big: 5 node(s)" in text
     assert "  cpu (default): 2 nodes, CPUs [16], GPUs [0], no time limit" in text
     assert "  gpu: 3 nodes, CPUs [48, 64], GPUs [4, 8], time limit 2880 min, preempted by urgent" in text
+
+
+def test_the_written_profile_says_what_each_key_means_and_loads(tmp_path) -> None:
+    profile = discover.profile_from(gpu_cluster(), "gpu", "/var/tmp/launch-never/runs")
+    path = tmp_path / "big.yaml"
+    path.write_text(discover.profile_text(profile, gpu_cluster()))
+    assert parse_profile(path) == profile  # through the real loader, comments and all
+    lines = path.read_text().splitlines()
+    for key, meaning in field_comments(ClusterProfile).items():
+        line = next(i for i, text in enumerate(lines) if text.startswith(f"{key}:"))
+        assert lines[line - 1] == f"# {meaning}"

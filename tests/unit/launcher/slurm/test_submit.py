@@ -85,3 +85,60 @@ def test_dry_run_prints_config_run_dir_and_sbatch_script_and_submits_nothing(
     assert "#SBATCH --nodes=2\n" in out and "#SBATCH --time=10\n" in out
     assert f"-m submitit.core._submit {run}/slurm/sub1\n" in out
     assert not run.exists()
+
+
+def test_a_dry_run_without_the_data_renders_the_job_and_lists_what_a_submission_needs(
+    shared_tmp: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("PATH", str(shared_tmp))  # a laptop: no SLURM, no data, the ViT-B experiment
+    run = shared_tmp / "runs" / "x"
+    assert launch("pretrain pcae --cluster local-test --nodes 4 --dry-run --run-dir", run) == 0
+    out, err = capsys.readouterr()
+    assert "# experiment: " in out and "pcae_vit_base.yaml" in out and "  size: base\n" in out
+    assert "#SBATCH --nodes=4\n" in out and f"-m submitit.core._submit {run}/slurm/sub1\n" in out
+    assert err.startswith("dry run only: a real submission from this machine would refuse until these are fixed:\n")
+    assert "  - data.root is not set: point it at the imagefolder data set" in err
+    assert "  - no `sbatch` on PATH" in err
+    assert not (shared_tmp / "runs").exists()
+    # The real submission still refuses, on the first of them, and leaves nothing behind.
+    assert launch("pretrain pcae --cluster local-test --nodes 4 --run-dir", run) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "data.root is not set" in err and "sbatch" not in err
+    assert not (shared_tmp / "runs").exists()
+
+
+def test_a_dry_run_lists_a_missing_data_folder_and_partition_and_renders_the_rest(
+    shared_tmp: Path, monkeypatch, capsys
+) -> None:
+    fake_slurm(shared_tmp / "bin", {"debug": 4, "high": 2})  # its sbatch fails the test if called
+    monkeypatch.setenv("PATH", f"{shared_tmp / 'bin'}:/usr/bin:/bin")
+    flags = f"--cluster local-test --partition gpu --run-dir {shared_tmp / 'runs' / 'x'} data.root=/no/such/folder"
+    assert launch(f"pretrain pcae --dry-run {flags}") == 0
+    out, err = capsys.readouterr()
+    assert "#SBATCH --partition=gpu\n" in out and "  root: /no/such/folder\n" in out
+    problems = err.splitlines()[1:]
+    assert len(problems) == 2, err
+    assert problems[0].startswith("  - data.root /no/such/folder does not exist on this host")
+    assert problems[1].startswith("  - partition 'gpu' does not exist on this cluster; partitions: debug, high")
+    assert launch(f"pretrain pcae {flags}") == 2
+    assert "data.root /no/such/folder does not exist" in capsys.readouterr().err
+    assert not (shared_tmp / "runs").exists()
+
+
+def test_a_dry_run_with_everything_in_place_lists_nothing(shared_tmp: Path, monkeypatch, capsys) -> None:
+    fake_slurm(shared_tmp / "bin", {"debug": 4, "high": 2})
+    monkeypatch.setenv("PATH", f"{shared_tmp / 'bin'}:/usr/bin:/bin")
+    assert launch(f"pretrain pcae --cluster local-test --dry-run data.root={shared_tmp} --run-dir {shared_tmp}/r") == 0
+    out, err = capsys.readouterr()
+    assert "#SBATCH --nodes=1\n" in out and err == ""
+
+
+def test_a_local_dry_run_lists_the_data_a_real_run_needs(tmp_path: Path, capsys) -> None:
+    assert launch("pretrain pcae --experiment pretrain/pcae_vit_base --dry-run --run-dir", tmp_path / "run") == 0
+    out, err = capsys.readouterr()
+    assert "  size: base\n" in out
+    assert err == (
+        "dry run only: a real run on this machine would refuse until these are fixed:\n"
+        "  - data.root is not set: point it at the imagefolder data set, e.g. `data.root=/path/to/data`\n"
+    )
+    assert not (tmp_path / "run").exists()
