@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from launcher.data import BadSample, BaseDataset, DataConfig, register_dataset
+from launcher.data import BadSample, BaseDataset, DataConfig, EncodedImage, register_dataset
 from launcher.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ SVHN_SPLITS = ("train", "test", "extra")
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """The whole image at ``path`` decoded, as RGB (a truncated file fails here, not later)."""
+def read_image(path: str | Path | BinaryIO) -> Image.Image:
+    """The whole image at ``path`` (or in a file object) decoded, as RGB (a truncated file fails here, not later)."""
     with Image.open(path) as image:
         image.load()
         return image.convert("RGB")
@@ -77,7 +77,7 @@ def sequential_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(cut), np.arange(cut, n)
 
 
-@register_dataset("imagefolder")
+@register_dataset("imagefolder", encoded=True)
 def open_imagefolder(cfg: DataConfig, img_size: int) -> BaseDataset:
     from torchvision.datasets import ImageFolder
 
@@ -126,6 +126,15 @@ class LabelledImages(Dataset):
         except IMAGE_ERRORS as e:
             raise BadSample(path, e) from None
         return image, torch.tensor(target, dtype=torch.long)
+
+    def encoded(self, index: int) -> tuple[EncodedImage, torch.Tensor]:
+        """The file's bytes, undecoded (``data.decode`` reduced or device decode them)."""
+        path, target = self.dataset.samples[index]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise BadSample(path, e) from None
+        return EncodedImage(data, path), torch.tensor(target, dtype=torch.long)
 
     def split(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
         return sequential_split(len(self), fraction)
