@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--images", type=int, default=200, help="JPEGs decoded per round and path")
     bench_data.add_argument("--rounds", type=int, default=3, help="timed rounds per path (alternating)")
     bench_data.add_argument("--img-size", type=int, default=224)
+    bench_data.add_argument("--max-side", type=int, default=256, help="pre-resized shards' shortest side")
+    bench_data.add_argument(
+        "--startup-samples", type=int, default=1_000_000, help="samples of the start-up timing (0: skip it)"
+    )
     bench_data.add_argument(
         "--step-rate", help="comma-separated training img/s per GPU (from `launch bench pretrain`): workers needed"
     )
