@@ -8,9 +8,11 @@ set), so a key gives the same crop whichever path reads it.
 
 ``ReducedDecodeCrop`` (``data.decode: reduced``) asks libjpeg-turbo, through Pillow's ``draft``,
 for the image at 1/2, 1/4 or 1/8 of its size (the DCT scaled, which costs less than decoding
-every pixel) when the crop's shortest side at that scale is still at least the output size;
-Pillow then crops, resizes (bicubic, antialiased) and flips the 8-bit image, and only the output
-square becomes floats.
+every pixel) when the crop's shortest side at that scale is still at least the output size, and
+Pillow resizes the crop's box, which then falls between pixels, in one bicubic antialiased pass.
+Otherwise the 8-bit crop is resized by torch's antialiased bicubic kernel (twice as fast as
+Pillow's on this machine): the ``tensor`` path's images bit for bit, with less work around them
+(no seeding of Python's and NumPy's RNGs). Either way only the output square becomes floats.
 
 ``DeviceDecodeCrop`` (``data.decode: device``) is the worker's half: it sends the JPEG's bytes
 with the box and the flip. ``DeviceDecoder`` is the training process's half: torchvision's
@@ -77,9 +79,7 @@ class ReducedDecodeCrop:
     host_rngs = False  # draws only from torch's RNG
 
     def __init__(self, img_size: int, scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]) -> None:
-        self.img_size, self.scale = img_size, scale
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255
+        self.img_size, self.scale, self.mean, self.std = img_size, scale, list(mean), list(std)
 
     def __call__(self, encoded: EncodedImage) -> torch.Tensor:
         image = open_header(encoded)
@@ -89,13 +89,19 @@ class ReducedDecodeCrop:
             # Pillow picks the largest scale s with size // request >= s: asking for size // reduction
             # gives exactly `reduction`; pixel (x, y) of the decoded image covers (s x, s y) of the file's.
             image.draft("RGB", (image.width // reduction, image.height // reduction))
-        image = load_rgb(image, encoded.name)
-        box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
-        out = image.resize((self.img_size, self.img_size), Image.Resampling.BICUBIC, box=box)
+            # The box falls between the reduced pixels: Pillow resamples such a box exactly.
+            box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
+            small = load_rgb(image, encoded.name).resize((self.img_size,) * 2, Image.Resampling.BICUBIC, box=box)
+            out = torch.from_numpy(np.array(small)).permute(2, 0, 1)
+        else:
+            # torch's antialiased bicubic resize of 8-bit images, the tensor path's, on the crop alone.
+            pixels = torch.from_numpy(np.array(load_rgb(image, encoded.name))).permute(2, 0, 1)
+            out = F.resized_crop(
+                pixels, top, left, height, width, [self.img_size] * 2, v2.InterpolationMode.BICUBIC, antialias=True
+            )
         if flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(out, dtype=np.float32)).permute(2, 0, 1)
-        return (pixels - self.mean) / self.std
+            out = out.flip(-1)
+        return F.normalize(F.to_dtype(out, torch.float32, scale=True), self.mean, self.std)
 
 
 def sends_bytes(image: Image.Image, data: bytes) -> bool:

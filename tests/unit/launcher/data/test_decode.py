@@ -70,6 +70,12 @@ def test_every_path_draws_the_crops_and_flips_of_the_tensor_path(photos: Path) -
         assert (a - b).abs().mean() < 0.02 < 0.5 < (a - b.flip(-1)).abs().mean(), key
 
 
+def test_where_the_dct_is_not_scaled_the_reduced_path_gives_the_tensor_paths_pixels(photos: Path) -> None:
+    keys = [(i, epoch) for i in range(6) for epoch in range(2)]
+    paths = images(photos, 224)  # no crop of a 375 px high image reaches 448 px
+    assert torch.equal(paths["reduced"](keys)["image"], paths["full"](keys)["image"])
+
+
 def test_the_reduced_path_decodes_fewer_pixels_when_the_crop_allows(photos: Path, monkeypatch) -> None:
     scales = []
     draft = Image.Image.draft
