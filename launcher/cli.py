@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     lunar.add_argument("--agent", choices=["random", "heuristic", "mixed"], default="random")
     lunar.add_argument("--workers", type=int, default=2, help="worker processes")
     lunar.add_argument("--seed", type=int, default=0)
+    shard = data_kinds.add_parser("shard", help="write an image folder as WebDataset tar shards with one index")
+    shard.add_argument("src", type=Path, help="an ImageNet-layout folder (one sub-directory per class)")
+    shard.add_argument("--out", type=Path, required=True, help="folder of the shards (new, or a conversion to resume)")
+    shard.add_argument("--max-side", type=int, help="pre-resize so that the shortest side is at most N pixels")
+    shard.add_argument("--quality", type=int, default=90, help="JPEG quality of pre-resized images (default 90)")
+    shard.add_argument("--shard-size", type=float, default=256, help="MB per shard (default 256)")
+    shard.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     check = data_kinds.add_parser("check", help="decode every image of an image folder; list the unreadable ones")
     check.add_argument("root", type=Path, help="an ImageNet-layout folder (one sub-directory per class)")
     check.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
@@ -192,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument("--images", type=int, default=200, help="JPEGs decoded per round and path")
     bench_data.add_argument("--rounds", type=int, default=3, help="timed rounds per path (alternating)")
     bench_data.add_argument("--img-size", type=int, default=224)
+    bench_data.add_argument("--max-side", type=int, default=256, help="pre-resized shards' shortest side")
+    bench_data.add_argument(
+        "--startup-samples", type=int, default=1_000_000, help="samples of the start-up timing (0: skip it)"
+    )
     bench_data.add_argument(
         "--step-rate", help="comma-separated training img/s per GPU (from `launch bench pretrain`): workers needed"
     )
@@ -487,6 +498,17 @@ def print_evaluation(cfg, run_dir: Path) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     if args.dataset == "check":
         return check_images(args.root, args.workers)
+    if args.dataset == "shard":
+        from launcher.data.shards import write_shards
+
+        total, unreadable = write_shards(
+            args.src, args.out, args.max_side, args.quality, args.shard_size, max(1, args.workers)
+        )
+        print(
+            f"{total} samples of {args.src} in shards in {args.out} "
+            f"({unreadable} unreadable, kept for training to replace)"
+        )
+        return 0
     from launcher.data.lunarlander import generate_lunarlander
     from launcher.local import STOP_SIGNALS
     from launcher.stopping import signals_interrupt

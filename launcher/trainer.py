@@ -32,7 +32,7 @@ from launcher import checkpoint
 from launcher.cpu_allocator import keep_freed_memory
 from launcher.data import open_dataset
 from launcher.data.sampling import ResumableSampler, SeededDataset, build_loader
-from launcher.data.transforms import build_transform
+from launcher.data.transforms import build_device_stage, build_transform
 from launcher.embeddings import FeatureCache
 from launcher.errors import ConfigError, DataError, RunDirError, UserError
 from launcher.evaluate import build_eval_loader, evaluate
@@ -293,6 +293,7 @@ class Trainer:
             train.seed,
         )
         self.dataset = dataset
+        self.device_stage = build_device_stage(cfg.data, cfg.method.img_size)  # data.decode=device
         self.loader = None  # built when training starts: a feature cache needs the resumed weights
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = train.num_steps or train.num_epochs * self.steps_per_epoch
@@ -569,6 +570,8 @@ class Trainer:
             fetch = time.perf_counter()
             batch = next(batches)
             window.data_seconds += time.perf_counter() - fetch
+            if self.device_stage is not None:  # decoded here, on the device, in batches
+                batch = self.device_stage(batch, acc.device)
             if "bad" in batch:  # unreadable files the pipeline replaced
                 window.bad += float(batch.pop("bad").sum())
             # The seeds stay on the host, where the methods draw their noise from them.

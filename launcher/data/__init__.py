@@ -1,7 +1,8 @@
 """Data sets: their config, the registry of names, and the explicit prepare step.
 
 ``DataConfig.name`` is any registered data set (``dataset_names()``): ``imagefolder``,
-``stl10``, ``svhn`` (``image_sets.py``) and ``lunarlander`` (``lunarlander.py``). A data set
+``stl10``, ``svhn`` (``image_sets.py``), ``shards`` (``shards.py``: WebDataset tar files and one index)
+and ``lunarlander`` (``lunarlander.py``). A data set
 is opened with ``open_dataset``, which never writes anything; one that this project can make
 itself (LunarLander) is made by ``prepare``, which the command line or a study calls before a
 run starts. Augmentations are in ``transforms.py``; the sampler and the per-sample seeds that
@@ -41,6 +42,12 @@ class DataConfig:
     # `pillow` (crop, bicubic resize and flip in one Pillow pass, uint8 until the last step):
     # the same draws, faster per loader worker (`launch bench data` measures both).
     resample: Literal["tensor", "pillow"] = "tensor"
+    # Where `mae`'s training images are decoded (data sets of image files: imagefolder, shards):
+    # `full` (the whole image on the loader worker, then `resample`), `reduced` (on the worker at
+    # the smallest DCT scale the crop allows, cropped and resized by Pillow) or `device` (the
+    # workers send the bytes; decode, crop, resize, flip and normalise run batched on the training
+    # device: nvJPEG on CUDA). The same crop boxes and flips on every path; evaluation decodes whole.
+    decode: Literal["full", "reduced", "device"] = "full"
     rand_augment: str = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
     # Evaluation: resize to img_size / eval_crop_pct, then centre-crop img_size (ImageNet: 0.875).
@@ -69,6 +76,16 @@ class DataConfig:
             raise ValueError("data.mean and data.std need one value per channel, std > 0")
         if not 0.0 < self.eval_crop_pct <= 1.0 or not 0.0 <= self.reprob <= 1.0:
             raise ValueError("data.eval_crop_pct must be in (0, 1] and data.reprob in [0, 1]")
+        if self.decode != "full" and not _DATASETS[self.name].encoded:
+            raise ValueError(
+                f"data.decode={self.decode} reads image files; data set {self.name!r} holds decoded pixels. "
+                f"Use data.decode=full, or a data set of image files ({', '.join(encoded_dataset_names())})"
+            )
+        if self.decode != "full" and self.augment in ("randaug", "flip"):
+            raise ValueError(
+                f"data.decode={self.decode} makes MAE's pretraining crop (data.augment=mae); "
+                f"data.augment={self.augment} needs data.decode=full"
+            )
         counts = (self.num_workers, self.generate_frames, self.generate_seed, self.generate_max_episode_steps)
         if min(*counts, self.max_bad_samples) < 0:
             raise ValueError(
@@ -86,21 +103,31 @@ class BadSample(Exception):
 
 
 @dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes, undecoded, and a name for it in messages (its path, or its place in a shard)."""
+
+    data: bytes
+    name: str
+
+
+@dataclass(frozen=True)
 class DatasetEntry:
     open: Callable[[DataConfig, int], BaseDataset]  # (config, image size) -> data set
     prepare: Callable[[DataConfig, int], None] | None = None  # makes it, for sets this project makes
+    encoded: bool = False  # it has ``encoded(index) -> (EncodedImage, label)``: image files, not pixels
 
 
 _DATASETS: dict[str, DatasetEntry] = {}
 
 
-def register_dataset(name: str, prepare: Callable[[DataConfig, int], None] | None = None):
-    """Decorator for a function ``(DataConfig, img_size) -> BaseDataset`` that opens data set ``name``."""
+def register_dataset(name: str, prepare: Callable[[DataConfig, int], None] | None = None, encoded: bool = False):
+    """Decorator for a function ``(DataConfig, img_size) -> BaseDataset`` that opens data set ``name``;
+    ``encoded``: its data sets also hand out each image's file bytes (``data.decode`` reduced or device)."""
 
     def decorator(fn: Callable[[DataConfig, int], BaseDataset]) -> Callable[[DataConfig, int], BaseDataset]:
         if name in _DATASETS:
             raise ValueError(f"data set {name!r} is registered twice")
-        _DATASETS[name] = DatasetEntry(fn, prepare)
+        _DATASETS[name] = DatasetEntry(fn, prepare, encoded)
         return fn
 
     return decorator
@@ -108,6 +135,10 @@ def register_dataset(name: str, prepare: Callable[[DataConfig, int], None] | Non
 
 def dataset_names() -> list[str]:
     return sorted(_DATASETS)
+
+
+def encoded_dataset_names() -> list[str]:
+    return sorted(name for name, entry in _DATASETS.items() if entry.encoded)
 
 
 def open_dataset(cfg: DataConfig, img_size: int) -> BaseDataset:
@@ -157,4 +188,4 @@ def prepare(cfg: DataConfig, img_size: int) -> None:
         entry.prepare(cfg, img_size)
 
 
-from launcher.data import image_sets, lunarlander  # noqa: E402,F401  (registers the data sets)
+from launcher.data import image_sets, lunarlander, shards  # noqa: E402,F401  (registers the data sets)

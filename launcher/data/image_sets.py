@@ -1,7 +1,7 @@
 """Image data sets from files: an ImageNet-layout folder, and STL-10 and SVHN from their official files.
 
-``imagefolder``: one sub-directory per class with the images inside (ImageNet's layout), read
-with torchvision's ``ImageFolder``.
+``imagefolder``: one sub-directory per class with the images inside (ImageNet's layout), listed
+by ``list_image_folder`` (regular files only; no directory link back into the tree).
 
 STL-10 (``stl10_binary/``): ``{train,test,unlabeled}_X.bin`` hold uint8 images of 3 x 96 x 96,
 each channel stored column-major, and ``{train,test}_y.bin`` uint8 labels 1..10. They are
@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from launcher.data import BadSample, BaseDataset, DataConfig, register_dataset
+from launcher.data import BadSample, BaseDataset, DataConfig, EncodedImage, register_dataset
 from launcher.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ SVHN_SPLITS = ("train", "test", "extra")
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """The whole image at ``path`` decoded, as RGB (a truncated file fails here, not later).
+def read_image(path: str | Path | BinaryIO) -> Image.Image:
+    """The whole image at ``path`` (or in a file object) decoded, as RGB (a truncated file fails here, not later).
 
     PIL's own conversion of a 16-bit or 32-bit greyscale image to RGB clips every value above 255,
     so such an image is scaled from its format's range instead (16-bit PNGs: 0..65535).
@@ -193,7 +193,7 @@ def sequential_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(cut), np.arange(cut, n)
 
 
-@register_dataset("imagefolder")
+@register_dataset("imagefolder", encoded=True)
 def open_imagefolder(cfg: DataConfig, img_size: int) -> BaseDataset:
     root = Path(cfg.root)
     if not root.is_dir():
@@ -250,6 +250,15 @@ class LabelledImages(Dataset):
         except IMAGE_ERRORS as e:
             raise BadSample(path, e) from None
         return image, torch.tensor(target, dtype=torch.long)
+
+    def encoded(self, index: int) -> tuple[EncodedImage, torch.Tensor]:
+        """The file's bytes, undecoded (``data.decode`` reduced or device decode them)."""
+        path, target = self.samples[index]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise BadSample(path, e) from None
+        return EncodedImage(data, path), torch.tensor(target, dtype=torch.long)
 
     def split(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
         return sequential_split(len(self), fraction)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -40,44 +41,53 @@ class SeededDataset(Dataset):
 
     A sample whose file cannot be read is replaced by another, drawn from (seed, epoch, index),
     so the pipeline stays a function of the key and resume stays exact; the sample says so
-    (``bad``: 1) for the trainer to count, and the file is logged once per process.
+    (``bad``: 1) for the trainer to count, and the file is logged once per process. A transform
+    with ``reads_encoded`` gets the file's bytes (``base.encoded``) and decodes them itself, so a
+    file that fails there is replaced alike. The transform's output is the sample's ``image``, or,
+    as a dict, several entries (``data.decode: device`` sends bytes and crop boxes).
     """
 
     def __init__(self, base: BaseDataset, transform: Callable, seed: int) -> None:
         self.base, self.transform, self.seed = base, transform, seed
+        self.reads_encoded = getattr(transform, "reads_encoded", False)
+        # Seeding Python's and NumPy's RNGs costs about as much as a small crop: only for
+        # transforms that may draw from them (timm's).
+        self.host_rngs = getattr(transform, "host_rngs", True)
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def _read(self, index: int, epoch: int) -> tuple[object, torch.Tensor, int]:
-        """(image, label, number of bad files met): the sample, or its deterministic replacement."""
-        draws = np.random.default_rng([self.seed, epoch, index])
-        last: BadSample | None = None
-        for attempt in range(MAX_REPLACEMENTS + 1):
-            try:
-                image, label = self.base[index]
-                return image, label, attempt
-            except BadSample as bad:
-                last = bad
-                if bad.path not in _reported:
-                    _reported.add(bad.path)
-                    log.warning("unreadable sample replaced by another: %s", bad)
-                index = int(draws.integers(len(self.base)))
-        raise DataError(
-            f"{MAX_REPLACEMENTS + 1} samples in a row could not be read, the last {last}: the data set "
-            f"is mostly broken. Run `launch data check {Path(last.path).parent.parent}` to list bad files."
-        )
+    def _transformed(self, index: int, augment_seed: int) -> tuple[object, torch.Tensor]:
+        sample, label = self.base.encoded(index) if self.reads_encoded else self.base[index]
+        # Seed every RNG an augmentation may draw from (timm's also use Python's and NumPy's),
+        # and restore them after, so the caller's (or the worker's) streams stay untouched.
+        # The CPU generator alone: torch.manual_seed would also queue seeds for every accelerator.
+        with torch.random.fork_rng(devices=[]), seeded_host_rngs(augment_seed) if self.host_rngs else nullcontext():
+            torch.default_generator.manual_seed(augment_seed)
+            return self.transform(sample), label
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int]:
         index, epoch = key
         augment_seed, model_seed = sample_seeds(self.seed, epoch, index)
-        image, label, bad = self._read(index, epoch)
-        # Seed every RNG an augmentation may draw from (timm's also use Python's and NumPy's),
-        # and restore them after, so the caller's (or the worker's) streams stay untouched.
-        with torch.random.fork_rng(devices=[]), seeded_host_rngs(augment_seed):
-            torch.manual_seed(augment_seed)
-            image = self.transform(image)
-        return {"image": image, "label": label, "seed": model_seed, "index": index, "bad": bad}
+        draws = np.random.default_rng([self.seed, epoch, index])
+        source, bad = index, 0
+        while True:
+            try:
+                out, label = self._transformed(source, augment_seed)
+                break
+            except BadSample as e:
+                if e.path not in _reported:
+                    _reported.add(e.path)
+                    log.warning("unreadable sample replaced by another: %s", e)
+                bad += 1
+                if bad > MAX_REPLACEMENTS:
+                    raise DataError(
+                        f"{bad} samples in a row could not be read, the last {e}: the data set is mostly "
+                        f"broken. Run `launch data check {Path(e.path).parent.parent}` to list bad files."
+                    ) from None
+                source = int(draws.integers(len(self.base)))
+        entries = out if isinstance(out, dict) else {"image": out}
+        return {**entries, "label": label, "seed": model_seed, "index": index, "bad": bad}
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -120,14 +130,19 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return iter([(int(i), self.epoch) for i in mine])
 
 
-def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """A batch of samples: tensors stacked (image or features, label), integers as int64 (seed, index)."""
-    return {
-        key: torch.stack([s[key] for s in samples])
-        if isinstance(value, torch.Tensor)
-        else torch.tensor([s[key] for s in samples], dtype=torch.long)
-        for key, value in samples[0].items()
-    }
+def collate(samples: list[dict]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """A batch of samples: tensors stacked (image or features, label), integers as int64 (seed, index);
+    tensors of differing shapes (the encoded files of ``data.decode: device``) as a list."""
+    batch: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+    for key, value in samples[0].items():
+        values = [s[key] for s in samples]
+        if not isinstance(value, torch.Tensor):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        elif all(v.shape == value.shape for v in values):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = values
+    return batch
 
 
 def build_loader(dataset: SeededDataset, sampler: ResumableSampler, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -15,7 +15,8 @@ from launcher.data import DataConfig
 def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> Callable:
     """The augmentation ``cfg.augment`` names for training; resize + centre crop for evaluation.
 
-    ``mae``: random resized crop (``min_crop_scale`` to 1, bicubic) + flip, MAE's pretraining;
+    ``mae``: random resized crop (``min_crop_scale`` to 1, bicubic) + flip, MAE's pretraining (from the
+    file's bytes with ``data.decode`` reduced or device: ``decode.py``);
     ``randaug``: timm's fine-tuning pipeline as MAE calls it (random resized crop, flip,
     RandAugment, random erasing); ``flip``/``none``: resize and centre crop, with or without flip.
     """
@@ -36,6 +37,14 @@ def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> Calla
             mean=tuple(cfg.mean),
             std=tuple(cfg.std),
         )
+    if augment == "mae" and cfg.decode == "reduced":
+        from launcher.data.decode import ReducedDecodeCrop
+
+        return ReducedDecodeCrop(img_size, (cfg.min_crop_scale, 1.0), cfg.mean, cfg.std)
+    if augment == "mae" and cfg.decode == "device":
+        from launcher.data.decode import DeviceDecodeCrop
+
+        return DeviceDecodeCrop((cfg.min_crop_scale, 1.0))
     if augment == "mae" and cfg.resample == "pillow":
         return PillowResizedCrop(img_size, (cfg.min_crop_scale, 1.0), cfg.mean, cfg.std)
     if augment == "mae":
@@ -63,6 +72,16 @@ def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> Calla
     )
 
 
+def build_device_stage(cfg: DataConfig, img_size: int, train: bool = True):
+    """What the training process does to a batch on its device before the model sees it
+    (``DeviceDecoder`` for ``data.decode: device``), or ``None``."""
+    if train and cfg.augment == "mae" and cfg.decode == "device":
+        from launcher.data.decode import DeviceDecoder
+
+        return DeviceDecoder(img_size, cfg.mean, cfg.std)
+    return None
+
+
 class PillowResizedCrop:
     """MAE's random resized crop + flip + normalise, resampled by Pillow in one pass.
 
@@ -72,6 +91,8 @@ class PillowResizedCrop:
     image, and only the final ``img_size`` square becomes floats. The torchvision path instead
     converts the whole decoded image to a tensor and resamples that.
     """
+
+    host_rngs = False  # draws only from torch's RNG
 
     def __init__(self, img_size: int, scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]) -> None:
         self.img_size, self.scale, self.ratio = img_size, scale, (3 / 4, 4 / 3)

@@ -339,3 +339,22 @@ def test_a_rank_that_fails_is_reported_not_the_peers_it_took_down(shared: Path) 
     # Every rank finds the data gone; whichever failed first is named, with its own error, not a peer's
     # broken collective.
     assert re.match(r"rank [01]: DataError: data.root", status["last_error"]), status["last_error"]
+
+
+def test_two_node_job_on_shards_decoded_on_the_device_gives_the_losses_of_one_process(shared: Path) -> None:
+    # The shards of the shared image folder, read by offset from one index on every rank; the
+    # device path's halves on the workers and the tasks (the CPU here).
+    from launcher.data.shards import write_shards
+    from launcher.trainer import Trainer
+
+    write_shards(shared / "images", shared / "shards", shard_size_mb=0.05)
+    raw = yaml.safe_load((shared / "pcae.yaml").read_text())
+    raw["data"].update(name="shards", root=str(shared / "shards"), augment="mae", decode="device")
+    (shared / "pcae-shards.yaml").write_text(yaml.safe_dump(raw))
+    assert Trainer(experiment_from_dict(raw), shared / "shards-reference").fit().finished
+    run = shared / "shards-ddp"
+    command = f"pretrain pcae --cluster local-test --nodes 2 --time 10 --experiment {shared / 'pcae-shards.yaml'}"
+    assert launch(command, "--run-dir", run) == 0
+    status = wait_for(run, TERMINAL, 120)
+    assert status["state"] == "COMPLETED", status
+    assert_same_losses(losses(run), losses(shared / "shards-reference"))

@@ -24,7 +24,16 @@ def test_a_sigterm_while_probing_stops_at_once_and_leaves_no_probe_file(tmp_path
     raw["data"] = {**frames, "root": str(tmp_path / "train"), "generate_frames": 48}
     raw["train"].update({"num_epochs": 1})
     cfg = experiment_from_dict(raw)
-    probe_data = DataConfig(**{**frames, "root": str(tmp_path / "probe"), "generate_frames": 300, "generate_seed": 3, "generate_agent": "random", "generate_max_episode_steps": 40})
+    probe_data = DataConfig(
+        **{
+            **frames,
+            "root": str(tmp_path / "probe"),
+            "generate_frames": 300,
+            "generate_seed": 3,
+            "generate_agent": "random",
+            "generate_max_episode_steps": 40,
+        }
+    )
     shown = demo.DemoConfig(probe=ProbeConfig(data=probe_data, targets=(0, 1, 4), pixels=8))
     monkeypatch.setattr(demo, "load_demo", lambda: shown)
     calls = []

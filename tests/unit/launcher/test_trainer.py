@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from launcher import checkpoint
+from launcher.data.shards import write_shards
 from launcher.errors import RunDirError
 from launcher.experiment import experiment_from_dict
 from launcher.local import prepare_data
@@ -119,12 +120,32 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in read_metrics(run_dir)]
 
 
-@pytest.mark.parametrize("method", ["pcae", "mae"])
-def test_interrupted_and_resumed_run_gives_identical_losses(method: str, image_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "method, data",
+    [
+        ("pcae", {}),
+        ("mae", {}),
+        ("mae", {"decode": "reduced"}),
+        ("pcae", {"decode": "device"}),
+        ("mae", {"name": "shards"}),
+        ("pcae", {"name": "shards", "decode": "device"}),
+        ("mae", {"name": "shards", "decode": "reduced"}),
+    ],
+    ids=["pcae", "mae", "mae-reduced", "pcae-device", "mae-shards", "pcae-shards-device", "mae-shards-reduced"],
+)
+def test_interrupted_and_resumed_run_gives_identical_losses(method: str, data: dict, tmp_path: Path) -> None:
     # 36 images, global batch 8 = 2 micro-batches of 4: 4 steps per epoch, 3 epochs; workers and
-    # random-resized-crop augmentation on. Interrupt at step 6, mid-epoch 2.
+    # random-resized-crop augmentation on. Interrupt at step 6, mid-epoch 2. Images of 136 px
+    # (JPEGs and PNGs), so that data.decode=reduced decodes many crops at 1/2 or 1/4 of their size.
+    images = make_image_folder(tmp_path / "images", size=136)
+    if data.get("name") == "shards":
+        write_shards(images, tmp_path / "shards", shard_size_mb=0.5)
+        images = tmp_path / "shards"
     raw = tiny_experiment(
-        method, image_folder, data={"num_workers": 2, "augment": "mae"}, train={"num_epochs": 3, "checkpoint_every": 4}
+        method,
+        images,
+        data={"num_workers": 2, "augment": "mae", **data},
+        train={"num_epochs": 3, "checkpoint_every": 4},
     )
     cfg = experiment_from_dict(raw)
     straight = Trainer(cfg, tmp_path / "straight")

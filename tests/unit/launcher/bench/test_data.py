@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from PIL import Image
@@ -20,9 +21,18 @@ def test_the_generated_folder_holds_imagenet_shaped_jpegs(tmp_path: Path) -> Non
 
 
 def test_bench_data_prints_every_path_and_the_workers_they_need(tmp_path: Path, capsys) -> None:
-    args = f"bench data --root {tmp_path / 'jpegs'} --images 4 --rounds 1 --img-size 64 --step-rate 1000,5000"
+    args = (
+        f"bench data --root {tmp_path / 'jpegs'} --images 4 --rounds 1 --img-size 64 --step-rate 1000,5000 "
+        f"--max-side 128 --startup-samples 3000"
+    )
     assert launch(args) == 0
     out = capsys.readouterr().out
-    for path in ("data.resample=tensor", "data.resample=pillow", "decode only (Pillow)"):
-        assert path in out
+    lines = {
+        name: (int(rate), float(ratio))
+        for name, rate, ratio in re.findall(r"^path (\S+): (\d+) img/s per worker \((\d+\.\d+) x tensor\)", out, re.M)
+    }
+    paths = ["tensor", "pillow", "reduced", "device-cpu", "shards-reduced", "shards-128-reduced", "decode-only-pillow"]
+    assert set(paths) <= set(lines) and lines["tensor"] == (lines["tensor"][0], 1.0)
     assert "loader workers (one core each)" in out and "5000" in out
+    startup = re.findall(r"^start-up (\S+): \d+\.\d s to the first batch of (\d+) samples", out, re.MULTILINE)
+    assert startup == [("shards", "3000"), ("imagefolder", "3000")]
