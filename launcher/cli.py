@@ -38,7 +38,10 @@ def add_job_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from launcher import package_version
+
     parser = argparse.ArgumentParser(prog="launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"launch {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder (pcae, mae, ...)")

@@ -10,6 +10,7 @@ from launcher.data import prepare
 from launcher.experiment import ExperimentConfig
 from launcher.slurm.records import record_local_attempt
 from launcher.stopping import StopRequest, install_stop_handlers, signals_interrupt
+from launcher.tracking import check_trackers
 from launcher.trainer import FitResult, Trainer
 
 
@@ -28,6 +29,7 @@ def run_training(cfg: ExperimentConfig, run_dir: Path) -> tuple[Trainer, FitResu
     A stop signal while the data is being generated raises ``Interrupted`` once the generator has
     removed its partial output (nothing is kept; the same command starts it again).
     """
+    check_trackers(cfg.train, run_dir)  # before the data is generated, which may take minutes
     with signals_interrupt(STOP_SIGNALS):
         prepare_data(cfg)
     stop = StopRequest()

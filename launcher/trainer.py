@@ -47,6 +47,8 @@ from launcher.runs import (
     writing,
 )
 from launcher.stopping import StopRequest
+from launcher.tracking import Trackers, check_trackers, open_trackers
+from launcher.tracking import check_names as check_tracker_names
 from methods import build_method
 
 if TYPE_CHECKING:
@@ -103,6 +105,12 @@ class TrainConfig:
     check_every: int = 10
     checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at the end
     num_checkpoints_kept: int = 2
+    # Where the scalars go (launcher/tracking.py): any of tensorboard, wandb, mlflow.
+    trackers: tuple[str, ...] = ("tensorboard",)
+    wandb_project: str = "launch"
+    wandb_entity: str | None = None  # None: the W&B account's default entity
+    mlflow_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a file store RUN/../mlruns
+    mlflow_experiment: str = "launch"
 
     def __post_init__(self) -> None:
         for key in (
@@ -116,6 +124,7 @@ class TrainConfig:
         ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key} must be positive, got {getattr(self, key)}")
+        check_tracker_names(self.trackers)
         if self.num_steps < 0:
             raise ValueError(f"train.num_steps must be >= 0 (0: train num_epochs epochs), got {self.num_steps}")
         if self.global_batch_size % self.micro_batch_size:
@@ -273,6 +282,7 @@ class Trainer:
         # (a SLURM submission has written its config.yaml already: the job reads it). It has one
         # owner: this process, until it exits (rank 0 holds the lock for all ranks).
         if acc.is_main_process:
+            check_trackers(train, self.run_dir)  # a tracker that cannot start stops the run before it is written
             lock_run_dir(self.run_dir)
         if acc.is_main_process and not (self.run_dir / CONFIG).is_file():
             write_config(self.run_dir, cfg)
@@ -302,6 +312,7 @@ class Trainer:
         self.state = TrainState()
         self.saved_step: int | None = None  # step of the newest checkpoint on disk
         self.stop_agreed = False  # the all-reduced stop flag: every rank stops at the same step
+        self.trackers: Trackers | None = None  # rank 0's, while fit() runs
 
         log.info(
             "method %s: %.1fM trainable parameters; %d processes x %d micro-batch x %d accumulation "
@@ -382,6 +393,9 @@ class Trainer:
         }
         if acc.is_main_process:
             write_eval(self.run_dir, record)
+            if self.trackers is not None:
+                with writing(self.run_dir):
+                    self.trackers.log_eval(metrics, self.state.step)
         log.info("evaluation at step %d: %s", self.state.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         acc.wait_for_everyone()
         return record
@@ -407,13 +421,15 @@ class Trainer:
         """Train from the current state to the end, or until ``until_step``, then checkpoint."""
         acc, cfg = self.accelerator, self.cfg
         last_step = self.total_steps if until_step is None else min(until_step, self.total_steps)
-        metrics = tensorboard = progress = None
+        metrics = progress = None
         if acc.is_main_process:
-            metrics = MetricsLog(self.run_dir, self.state.step)
-            from torch.utils.tensorboard import SummaryWriter
             from tqdm.auto import tqdm
 
-            tensorboard = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.state.step + 1)
+            from launcher.config import to_dict
+
+            metrics = MetricsLog(self.run_dir, self.state.step)
+            with writing(self.run_dir):
+                self.trackers = open_trackers(self.run_dir, to_dict(cfg), cfg.train, self.state.step)
             progress = tqdm(
                 total=self.total_steps,
                 initial=self.state.step,
@@ -450,10 +466,8 @@ class Trainer:
                         progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                         if logged:
                             metrics.write(record)
-                            with writing(self.run_dir / "tb"):
-                                for key, value in record.items():
-                                    if key not in ("step", "epoch"):
-                                        tensorboard.add_scalar(f"train/{key}", value, step)
+                            with writing(self.run_dir):
+                                self.trackers.log_train(record, step)
                     if self.stop_agreed or saved:
                         self.save_checkpoint()
                     if self.stop_agreed:
@@ -475,8 +489,10 @@ class Trainer:
             if acc.is_main_process:
                 progress.close()
                 metrics.close()
-                with contextlib.suppress(OSError, RuntimeError):  # a full disk has been reported already
-                    tensorboard.close()
+                if self.trackers is not None:
+                    with contextlib.suppress(OSError, RuntimeError):  # a full disk has been reported already
+                        self.trackers.close(finished=self.state.step >= self.total_steps)
+                    self.trackers = None
 
     def _build_loader(self, method: nn.Module) -> DataLoader:
         """The training batches: images, or, for a method whose features stay frozen and data that

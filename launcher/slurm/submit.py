@@ -164,9 +164,11 @@ class TrainingWork(Work):
     def check(self, directory: Path, res: Resources) -> bool:
         from launcher.data import check_readable
         from launcher.runs import check_run_dir, check_unlocked
+        from launcher.tracking import check_trackers
 
         for data in self.cfg.data_sets():
             check_readable(data)
+        check_trackers(self.cfg.train, directory)
         train, world = self.cfg.train, res.nodes * res.tasks_per_node
         if train.global_batch_size % (train.micro_batch_size * world):
             raise ConfigError(
