@@ -48,6 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("method", help="registered method name, e.g. pcae or mae")
     add_run_arguments(pretrain, "pretrain/METHOD_local; with --cluster pretrain/METHOD_vit_base")
 
+    grid = commands.add_parser("sweep", help="a grid of pretraining runs: one SLURM job array, or one after another")
+    grid.add_argument("kind", choices=["pretrain"], help="what each point runs")
+    grid.add_argument("method", help="registered method name, e.g. pcae or mae")
+    grid.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides common to every point")
+    grid.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a key and its values; several --grid make the cartesian product",
+    )
+    grid.add_argument("--experiment", help="experiment YAML or shipped name (default as for `launch pretrain`)")
+    grid.add_argument("--sweep-dir", type=Path, help="where the points go (default: named after the sweep)")
+    grid.add_argument("--max-points", type=int, default=64, help="refuse grids of more points (default 64)")
+    grid.add_argument("--max-parallel", type=int, help="SLURM: at most K points running at once (--array=...%%K)")
+    grid.add_argument("--local", action="store_true", help="train the points on this machine, one after another")
+    grid.add_argument("--dry-run", action="store_true", help="print the points (and sbatch script); run nothing")
+    grid_slurm = grid.add_argument_group("SLURM (one job array, each point a job of N nodes)")
+    add_job_flags(grid_slurm)
+    grid_slurm.add_argument("--max-requeues", type=int, default=10, help="requeues per point (default 10)")
+
     for name, what in (
         ("finetune", "fine-tune a pretrained encoder (MAE's recipe; PCAE's token reduction)"),
         ("linprobe", "linear probe of a frozen pretrained encoder (MAE's recipe)"),
@@ -356,6 +377,38 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return launch_run(args, cfg, experiment, experiment.stem, demo=demo)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``launch sweep pretrain METHOD --grid ...``: checked whole, then one job array or one run at a time."""
+    from launcher import sweeps
+    from launcher.experiment import default_experiment
+    from launcher.shipped import find_experiment
+    from methods import UnknownMethodError, get_method
+
+    try:
+        get_method(args.method)
+    except UnknownMethodError as e:
+        raise ConfigError(str(e)) from None
+    check_placement(args)
+    grid = sweeps.parse_grid(args.grid, args.max_points)
+    experiment = (
+        find_experiment(args.experiment)
+        if args.experiment
+        else default_experiment("pretrain", args.method, local=not args.cluster)
+    )
+    sweep = sweeps.Sweep(args.method, str(experiment), list(args.overrides), grid)
+    if args.cluster:
+        from launcher.slurm.submit import SweepArrayWork
+
+        return on_slurm(args, SweepArrayWork(sweep, args.sweep_dir, args.max_parallel))
+    if args.max_parallel is not None:
+        raise ConfigError("--max-parallel limits a SLURM job array; --local trains one point at a time")
+    plan = sweeps.plan(sweep, args.sweep_dir or Path("runs") / sweep.default_name())
+    sys.stdout.write(plan.describe())
+    if args.dry_run:
+        return 0
+    return sweeps.run_locally(plan, sys.stdout)
+
+
 def cmd_downstream(args: argparse.Namespace) -> int:
     """``launch finetune`` / ``launch linprobe``: a pretrained encoder, then the same run machinery."""
     from launcher import sources
@@ -538,6 +591,11 @@ def format_status(status: dict) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from launcher.slurm import control
 
+    if args.run and (args.run / "grid.yaml").is_file():  # a sweep: one row per point
+        from launcher.sweeps import table
+
+        sys.stdout.write(f"sweep {args.run}\n{table(args.run)}")
+        return 0
     runs = [args.run] if args.run else control.find_runs()
     if not runs:
         print("no SLURM runs found under the profiles' runs_dir")
@@ -696,7 +754,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from launcher.studies.ae_losses_report import write_report
+    from launcher.sweeps import is_sweep
+
+    if is_sweep(args.sweep):  # a `launch sweep pretrain` grid
+        from launcher.sweeps import write_report
+    else:  # a Ray Tune sweep of a study
+        from launcher.studies.ae_losses_report import write_report
 
     path = write_report(args.sweep)
     print(path.read_text())
@@ -706,6 +769,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "pretrain": cmd_pretrain,
+    "sweep": cmd_sweep,
     "finetune": cmd_downstream,
     "linprobe": cmd_downstream,
     "data": cmd_data,

@@ -40,7 +40,7 @@ def run_training(cfg: ExperimentConfig, run_dir: Path) -> tuple[Trainer, FitResu
     result = trainer.fit()
     if trainer.accelerator.is_main_process:  # what this attempt cost, for `launch status RUN`
         gpus = trainer.accelerator.num_processes if trainer.accelerator.device.type == "cuda" else 0
-        record_local_attempt(run_dir, started, time.time() - started, result.step, gpus)
+        record_local_attempt(run_dir, started, time.time() - started, result.step, gpus, result.finished)
     return trainer, result
 
 

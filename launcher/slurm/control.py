@@ -180,13 +180,20 @@ def cancel(run_dir: Path) -> list[str]:
     record = read_launch(run_dir)
     jobs = [j["job_id"] for j in record.get("jobs", [])]
     states = sacct_states(jobs)
-    active = [j for j in jobs if states.get(j, "PENDING") in ACTIVE_STATES]
+    active = [j for j in jobs if any(state in ACTIVE_STATES for state in job_states(j, states))]
     if active:
         if shutil.which("scancel") is None:
             raise SlurmError("no `scancel` on PATH: run this on the cluster's login node")
         subprocess.run(["scancel", *active], check=True, timeout=60)
         update_launch(run_dir, cancelled=now())
     return active
+
+
+def job_states(job_id: str, states: dict[str, str]) -> list[str]:
+    """The states sacct gave for a job, or for every task of an array job (``ID_K``, ``ID_[K-L]``);
+    a job sacct does not know yet is taken as pending."""
+    found = [state for key, state in states.items() if key == job_id or key.startswith(f"{job_id}_")]
+    return found or ["PENDING"]
 
 
 def check_not_active(run_dir: Path) -> None:

@@ -123,7 +123,9 @@ def _record_attempt(
     write_launch(run_dir, record)
 
 
-def record_local_attempt(run_dir: Path, started: float, seconds: float, step: int, gpus: int = 0) -> None:
+def record_local_attempt(
+    run_dir: Path, started: float, seconds: float, step: int, gpus: int = 0, finished: bool = False
+) -> None:
     """Add one attempt of a run on this machine to RUN/local.json: its wall time, for `launch status`."""
     import socket
 
@@ -135,6 +137,8 @@ def record_local_attempt(run_dir: Path, started: float, seconds: float, step: in
             "seconds": round(seconds, 1),
             "step": step,
             "host": socket.gethostname(),
+            "gpus": gpus,
+            "finished": finished,
         }
     )
     tmp = path.with_name(f".{LOCAL_JSON}.{os.getpid()}.tmp")
