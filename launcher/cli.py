@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from launcher.errors import ConfigError, UserError
+from launcher.errors import ConfigError, RunDirError, UserError
 from launcher.runs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -98,16 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_run_arguments(downstream, f"{name}/local; with --cluster {name}/vit_base")
 
-    status = commands.add_parser("status", help="state of a SLURM run (or of every run) from sacct")
-    status.add_argument("run", nargs="?", type=Path, help="run directory (default: all runs of all profiles)")
+    status = commands.add_parser("status", help="state, step and cost of a run or sweep (or of every run)")
+    status.add_argument(
+        "run", nargs="?", type=Path, help="run, sweep or a folder of runs (default: ./runs and the profiles' runs_dir)"
+    )
     resume = commands.add_parser("resume", help="resubmit a stopped SLURM run with its recorded config")
     resume.add_argument("run", type=Path)
     resume.add_argument("--max-requeues", type=int, help="override the recorded limit")
-    cancel = commands.add_parser("cancel", help="cancel the SLURM jobs of a run")
+    cancel = commands.add_parser("cancel", help="cancel a run's SLURM jobs, or stop a run of this machine")
     cancel.add_argument("run", type=Path)
-    logs = commands.add_parser("logs", help="print the log of one task of a run's newest job")
+    logs = commands.add_parser("logs", help="print the log of one task of a run (its newest job on SLURM)")
     logs.add_argument("run", type=Path)
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
     logs.add_argument("--rank", type=int, default=0, help="global rank of the task (default 0)")
 
     data = commands.add_parser("data", help="generate a data set")
@@ -566,16 +568,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def format_status(status: dict) -> str:
     loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
-    line = (
-        f"{status['run_dir']}: job {status['job_id']} on {status['cluster']} {status['state']}, "
-        f"step {status['step'] if status['step'] is not None else '-'}, loss {loss}, "
-        f"restarts {status['restarts']}"
-    )
+    step = "-" if status["step"] is None else str(status["step"])
+    if status.get("pid") is not None:  # a run of this machine
+        where = f"local run, pid {status['pid']} on {status['host']},"
+        step += f"/{status['total_steps']}" if status.get("total_steps") else ""
+    else:
+        where = f"job {status['job_id']} on {status['cluster']}"
+    line = f"{status['run_dir']}: {where} {status['state']}, step {step}, loss {loss}, restarts {status['restarts']}"
     cost = status.get("cost") or {}
     if cost.get("attempts"):
         line += (
             f"\n  cost: {cost['attempts']} attempt(s), {cost['wall_seconds'] / 3600:.3f} h wall time, "
-            f"{cost['node_hours']:.3f} node-hours, {cost['gpu_hours']:.3f} GPU-hours"
+            f"{cost['node_hours']:.3f} node-hours, {cost.get('cpu_hours', 0.0):.3f} CPU-hours, "
+            f"{cost['gpu_hours']:.3f} GPU-hours"
         )
     source = status.get("source_cost")
     if source and source.get("attempts"):
@@ -590,17 +595,21 @@ def format_status(status: dict) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from launcher.slurm import control
+    from launcher.sweeps import is_sweep, summary, table
 
-    if args.run and (args.run / "grid.yaml").is_file():  # a sweep: one row per point
-        from launcher.sweeps import table
-
+    if args.run and is_sweep(args.run):  # a sweep: one row per point
         sys.stdout.write(f"sweep {args.run}\n{table(args.run)}")
         return 0
-    runs = [args.run] if args.run else control.find_runs()
+    if args.run and not control.is_run(args.run) and not (args.run / "config.yaml").is_file():  # a folder of runs
+        runs = control.find_runs([args.run])
+        if not runs:
+            raise RunDirError(f"{args.run} is neither a run or sweep directory of this tool nor a folder of runs")
+    else:
+        runs = [args.run] if args.run else control.find_runs()
     if not runs:
-        print("no SLURM runs found under the profiles' runs_dir")
+        print("no runs found under ./runs or the profiles' runs_dir (`launch status DIR` looks under DIR)")
     for run in runs:
-        print(format_status(control.run_status(run)))
+        print(summary(run) if is_sweep(run) else format_status(control.run_status(run)))
     return 0
 
 
@@ -613,8 +622,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from launcher import local_runs
     from launcher.slurm import control
 
+    if local_runs.is_local_run(args.run):
+        print(local_runs.cancel(args.run))
+        return 0
     cancelled = control.cancel(args.run)
     print(f"cancelled job(s) {', '.join(cancelled)}" if cancelled else "no active job to cancel")
     return 0
@@ -631,9 +644,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
             pass
         return 0
     if not paths[0].exists():
-        raise UserError(f"no log {paths[0]} yet: the job has not started (see `launch status {args.run}`)")
+        raise UserError(f"no log {paths[0]} yet: the run has not started (see `launch status {args.run}`)")
     sys.stdout.write(paths[0].read_text())
-    if paths[1].exists():  # the trainer's own log of this rank (every attempt), after submitit's lines
+    if len(paths) > 1 and paths[1].exists():  # the trainer's own log of this rank (every attempt)
         sys.stdout.write(f"--- {paths[1]} (the trainer's log of rank {args.rank})\n{paths[1].read_text()}")
     return 0
 

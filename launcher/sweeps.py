@@ -233,7 +233,7 @@ def point_rows(directory: Path) -> list[dict[str, Any]]:
         else:
             row.update(state="NOT STARTED", cost=None)
         if finished(run_dir):
-            row["state"] = "FINISHED" if row["state"] in ("LOCAL", "UNKNOWN", "COMPLETED") else row["state"]
+            row["state"] = "FINISHED" if row["state"] in ("UNKNOWN", "COMPLETED") else row["state"]
         metrics = read_metrics(run_dir) if run_dir.is_dir() else []
         row["step"] = metrics[-1]["step"] if metrics else None
         row["loss"] = metrics[-1].get("loss") if metrics else None
@@ -273,6 +273,15 @@ def table(directory: Path) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summary(directory: Path) -> str:
+    """One line for a sweep among runs (``launch status``): how many points are in which state."""
+    counts: dict[str, int] = {}
+    for row in point_rows(directory):
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    states = ", ".join(f"{n} {state}" for state, n in counts.items())
+    return f"{directory}: sweep of {sum(counts.values())} point(s): {states} (`launch status {directory}`: the table)"
 
 
 def write_report(directory: Path) -> Path:
