@@ -156,9 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_flags(study.add_argument_group("SLURM (one job of N nodes runs the study, each run on all of them)"))
 
     commands.add_parser("experiments", help="list the shipped experiment files (address them by name)")
-    export = commands.add_parser("export", help="write a run's encoder in timm's layout (safetensors + JSON)")
+    export = commands.add_parser("export", help="write a run's encoder as a folder timm loads (local-dir:FOLDER)")
     export.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT", help="a run directory or checkpoints/step_N")
-    export.add_argument("--out", type=Path, required=True, help="FILE.safetensors (FILE.json describes it)")
+    export.add_argument(
+        "--out", type=Path, required=True, help="a new folder: model.safetensors + config.json (timm's layout)"
+    )
     export.add_argument(
         "--encoder",
         choices=["student", "teacher"],
@@ -716,11 +718,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export
 
-    weights, meta = export(args.source, args.out, args.encoder)
+    out = export(args.source, args.out, args.encoder)
     print(
-        f"wrote {weights} and {meta}; load it with\n"
-        f"  timm.create_model(meta['timm_model'], pretrained=True, num_classes=0, "
-        f"pretrained_cfg_overlay={{'file': '{weights}'}}, **meta['timm_kwargs'])"
+        f"wrote {out}/ (model.safetensors, config.json); timm builds and loads it with\n"
+        f'  model = timm.create_model("local-dir:{out}", pretrained=True, num_classes=0)\n'
+        f"  data_config = timm.data.resolve_data_config({{}}, model=model)"
     )
     return 0
 
