@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 from torch.utils.data import DataLoader
@@ -255,7 +256,8 @@ class Trainer:
             model = build_method(cfg.method)
             # Initial weights (a fine-tuning's pretrained encoder) only for a run that starts now:
             # one that resumes finds them all in its checkpoint.
-            if hasattr(model, "initialize") and checkpoint.latest_valid(self.run_dir, quiet=True) is None:
+            self.resume_from = self.newest_valid_checkpoint()
+            if hasattr(model, "initialize") and self.resume_from is None:
                 model.initialize()
         except ValueError as e:  # e.g. a loss network or pretrained weights that are not on this machine
             raise ConfigError(f"cannot build method {cfg.method.name!r}: {e}") from None
@@ -330,9 +332,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def newest_valid_checkpoint(self) -> Path | None:
+        """The run's newest valid checkpoint. Validating reads every byte of it, so rank 0 alone does,
+        and tells the other ranks which one it found (a collective: every rank calls this)."""
+        acc = self.accelerator
+        found = checkpoint.latest_valid(self.run_dir) if acc.is_main_process else None
+        if acc.num_processes > 1:
+            found = broadcast_object_list([found], from_process=0)[0]
+        return found
+
     def resume(self) -> bool:
         """Load the newest valid checkpoint of the run directory, if any."""
-        path = checkpoint.latest_valid(self.run_dir)
+        # Verified when the trainer was built, unless it has written checkpoints since.
+        path = self.resume_from if self.saved_step is None else self.newest_valid_checkpoint()
         if path is None:
             return False
         self.accelerator.load_state(str(path))
@@ -353,9 +365,12 @@ class Trainer:
         acc.wait_for_everyone()
         with writing(final, cleanup=tmp, needed_bytes=self.checkpoint_bytes()):
             acc.save_state(str(tmp))
-            acc.wait_for_everyone()  # every rank's RNG file is on disk
+            # Each rank hashes what it wrote, once; gathering the entries waits for every rank's files.
+            files = checkpoint.describe(tmp, checkpoint.written_by(tmp, acc.process_index))
+            if acc.num_processes > 1:
+                files = {name: entry for part in gather_object([files]) for name, entry in part.items()}
             if acc.is_main_process:
-                checkpoint.seal(tmp, final, self.state.state_dict())
+                checkpoint.seal(tmp, final, self.state.state_dict(), files)
         if acc.is_main_process:
             checkpoint.prune(self.run_dir, self.cfg.train.num_checkpoints_kept)
             log.info("checkpoint %s", final)
@@ -365,9 +380,10 @@ class Trainer:
 
     def checkpoint_bytes(self) -> int:
         """About what a checkpoint takes: the newest one's size, or the weights and optimizer state."""
-        newest = checkpoint.latest_valid(self.run_dir) if self.saved_step is not None else None
-        if newest is not None:
-            return sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+        if self.saved_step is not None:  # what the previous one's manifest records: nothing is hashed
+            size = checkpoint.recorded_size(checkpoint.checkpoint_path(self.run_dir, self.saved_step))
+            if size is not None:
+                return size
         tensors = [p for p in self.model.parameters()] + [
             t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
         ]
