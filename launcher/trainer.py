@@ -438,8 +438,10 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         last_step = self.total_steps if until_step is None else min(until_step, self.total_steps)
         metrics = progress = None
+        console = contextlib.ExitStack()
         if acc.is_main_process:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             from launcher.config import to_dict
 
@@ -454,6 +456,9 @@ class Trainer:
                 dynamic_ncols=True,
                 mininterval=2.0,
             )
+            # While the bar is drawn, console log lines go through tqdm, which clears the bar, writes the
+            # line and redraws the bar below it: the two never share a terminal line.
+            console.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
         self.model.train()
         method = acc.unwrap_model(self.model)
         if self.loader is None:
@@ -504,6 +509,7 @@ class Trainer:
         finally:
             if acc.is_main_process:
                 progress.close()
+                console.close()
                 metrics.close()
                 if self.trackers is not None:
                     with contextlib.suppress(OSError, RuntimeError):  # a full disk has been reported already
