@@ -466,10 +466,12 @@ def recorded_method(run_dir: Path | None) -> dict | None:
 
 def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool) -> int:
     from launcher.config import dump_yaml
+    from launcher.trainer import planned_schedule
 
     print(
         f"# experiment: {experiment}\n# run directory: {run_dir}"
-        f"{' (exists: would resume)' if resuming else ''}\n{dump_yaml(cfg)}",
+        f"{' (exists: would resume)' if resuming else ''}\n"
+        f"# {planned_schedule(cfg, int(os.environ.get('WORLD_SIZE', '1'))).describe()}\n{dump_yaml(cfg)}",
         end="",
     )
     return 0

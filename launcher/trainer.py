@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from launcher import checkpoint
 from launcher.cpu_allocator import keep_freed_memory
-from launcher.data import open_dataset
+from launcher.data import count_samples, open_dataset
 from launcher.data.sampling import ResumableSampler, SeededDataset, build_loader
 from launcher.data.transforms import build_transform
 from launcher.embeddings import FeatureCache
@@ -178,6 +178,77 @@ class FitResult:
         return self.train_seconds * self.steps_per_epoch / self.step if self.step else 0.0
 
 
+@dataclass
+class Schedule:
+    """How a run's batch, learning rate and length follow from its config, its processes and its data."""
+
+    processes: int
+    micro_batch_size: int
+    accumulation_steps: int
+    global_batch_size: int
+    blr: float
+    base_lr: float  # the absolute peak lr: blr x global batch / 256
+    num_samples: int | None  # None: not counted (then the steps are known only from train.num_steps)
+    steps_per_epoch: int | None
+    total_steps: int | None
+    warmup_steps: int | None
+    num_epochs: int
+
+    def describe(self) -> str:
+        """One line: what a dry run shows before anything starts, and the run logs when it does."""
+        batch = (
+            f"{self.processes} processes x {self.micro_batch_size} micro-batch x {self.accumulation_steps} "
+            f"accumulation = global batch {self.global_batch_size}"
+        )
+        lr = f"lr {self.base_lr:.4g} (blr {self.blr:.4g} x {self.global_batch_size}/256)"
+        if self.total_steps is None:
+            steps = (
+                f"{self.num_epochs} epochs of (samples // {self.global_batch_size}) steps: the run counts the "
+                f"samples when it opens its data set (train.num_steps fixes the length)"
+            )
+        elif self.steps_per_epoch is None:
+            steps = f"{self.total_steps} steps (train.num_steps)"
+        else:
+            steps = (
+                f"{self.num_samples} samples, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps "
+                f"(warmup {self.warmup_steps})"
+            )
+        return f"{batch}; {lr}; {steps}"
+
+
+def schedule(train: TrainConfig, optim: OptimConfig, processes: int, num_samples: int | None) -> Schedule:
+    """The run's batch split, absolute lr and steps; ``num_samples`` None when the data set is not counted."""
+    accumulation, remainder = divmod(train.global_batch_size, train.micro_batch_size * processes)
+    if remainder or not accumulation:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
+            f"train.micro_batch_size x processes ({train.micro_batch_size} x {processes}); "
+            f"change one of them or the number of nodes/GPUs"
+        )
+    steps_per_epoch = None if num_samples is None else num_samples // train.global_batch_size
+    total = train.num_steps or (None if steps_per_epoch is None else train.num_epochs * steps_per_epoch)
+    warmup = None if steps_per_epoch is None else round(optim.warmup_epochs * steps_per_epoch)
+    return Schedule(
+        processes,
+        train.micro_batch_size,
+        accumulation,
+        train.global_batch_size,
+        optim.blr,
+        optim.blr * train.global_batch_size / 256,
+        num_samples,
+        steps_per_epoch,
+        total,
+        warmup,
+        train.num_epochs,
+    )
+
+
+def planned_schedule(cfg: ExperimentConfig, processes: int) -> Schedule:
+    """The schedule a run of ``cfg`` on ``processes`` processes will follow, for a dry run. The samples
+    are counted only where that is quick (a generated set); an image folder is counted by the run."""
+    return schedule(cfg.train, cfg.optim, processes, count_samples(cfg.data))
+
+
 def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
     """Linear warmup from 0, then a half-cosine down to ``min_lr`` (MAE's schedule, per step)."""
     if step < warmup_steps:
@@ -301,10 +372,10 @@ class Trainer:
         )
         self.dataset = dataset
         self.loader = None  # built when training starts: a feature cache needs the resumed weights
+        plan = schedule(train, cfg.optim, acc.num_processes, len(dataset))  # what a dry run printed
+        assert plan.steps_per_epoch == self.sampler.steps_per_epoch
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total_steps = train.num_steps or train.num_epochs * self.steps_per_epoch
-        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        self.base_lr = cfg.optim.blr * train.global_batch_size / 256
+        self.total_steps, self.warmup_steps, self.base_lr = plan.total_steps, plan.warmup_steps, plan.base_lr
 
         model.to(acc.device)  # before the optimizer: fused AdamW wants its parameters on the GPU
         optimizer = build_optimizer(model, cfg.optim, fused=acc.device.type == "cuda")
@@ -317,17 +388,10 @@ class Trainer:
         self.trackers: Trackers | None = None  # rank 0's, while fit() runs
 
         log.info(
-            "method %s: %.1fM trainable parameters; %d processes x %d micro-batch x %d accumulation "
-            "= global batch %d; %d steps/epoch, %d steps; lr %.3g",
+            "method %s: %.1fM trainable parameters; %s",
             cfg.method.name,
             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-            acc.num_processes,
-            train.micro_batch_size,
-            self.accumulation_steps,
-            train.global_batch_size,
-            self.steps_per_epoch,
-            self.total_steps,
-            self.base_lr,
+            plan.describe(),
         )
 
     # ------------------------------------------------------------------ checkpoints

@@ -207,10 +207,13 @@ class TrainingWork(Work):
         return TrainingJob(str(directory), res.gpus_per_node > 0, max_requeues)
 
     def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
+        from launcher.trainer import planned_schedule
+
+        plan = planned_schedule(self.cfg, res.nodes * res.tasks_per_node)
         return (
             f"# experiment: {self.experiment}\n# run directory: {directory}"
             f"{' (exists: would resume)' if resuming else ''}\n"
-            f"{_allocation_line(res)}\n{dump_yaml(self.cfg)}# sbatch script\n{script}"
+            f"{_allocation_line(res)}\n# {plan.describe()}\n{dump_yaml(self.cfg)}# sbatch script\n{script}"
         )
 
     def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
