@@ -217,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument(
         "--step-rate", help="comma-separated training img/s per GPU (from `launch bench pretrain`): workers needed"
     )
+    bench_ckpt = bench_kinds.add_parser("checkpoint", help="a checkpoint save before/after, in training steps")
+    bench_ckpt.add_argument("--size", default="base", help="ViT size (default base)")
+    bench_ckpt.add_argument("--method", default="pcae", help="registered method (default pcae)")
+    bench_ckpt.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
+    bench_ckpt.add_argument("--steps", type=int, default=3, help="timed training steps")
+    bench_ckpt.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    bench_ckpt.add_argument("--repeats", type=int, default=3, help="timed saves (median)")
+    bench_ckpt.add_argument("--dir", default=None, help="where the run goes (default: the temporary folder)")
     bench_slurm = bench_kinds.add_parser(
         "slurm", help="on a SLURM cluster: submit -> first step, USR2 -> first step after the resume"
     )
