@@ -4,7 +4,9 @@ A checkpoint is ``RUN/checkpoints/step_XXXXXXX/``: Accelerate's state (model,
 optimizer, scaler, every rank's RNG) plus ``trainer_state.json``. It is written under
 a temporary name and renamed into place once complete; its ``manifest.json``, written
 last, records each file's size and SHA-256, so a truncated or altered checkpoint is
-recognised and skipped instead of loaded.
+recognised and skipped instead of loaded. Each file is hashed once, when the checkpoint is
+sealed, by the rank that wrote it; ``validate`` reads every byte again, so a resume runs it on
+one rank only (the trainer shares the verdict).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -52,19 +55,44 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def seal(tmp: Path, final: Path, trainer_state: dict) -> None:
-    """Finish a checkpoint written into ``tmp``: state, manifest, fsync, rename to ``final``."""
-    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+def written_by(tmp: Path, rank: int) -> list[str]:
+    """The files of a checkpoint being written into ``tmp`` that ``rank`` wrote (Accelerate's ``save_state``:
+    every rank its RNG state ``random_states_K.pkl``, the main process everything else)."""
+    if rank > 0:
+        return [name for name in (f"random_states_{rank}.pkl",) if (tmp / name).is_file()]
+    others = re.compile(r"random_states_([1-9]\d*)\.pkl")
+    names = (str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    return sorted(name for name in names if not others.fullmatch(name) and name != MANIFEST)
+
+
+def describe(tmp: Path, names: list[str]) -> dict[str, dict]:
+    """Size and SHA-256 of files this process wrote into ``tmp``, made durable first and given the mode
+    of any file this process creates (safetensors writes 0600). The one time a checkpoint is hashed."""
+    mode = 0o666 & ~current_umask()
     files = {}
-    mode = 0o666 & ~current_umask()  # what the rest of the run gets (safetensors writes 0600)
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+    for name in names:
+        path = tmp / name
         path.chmod(mode)
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return files
+
+
+def seal(tmp: Path, final: Path, trainer_state: dict, files: dict[str, dict] | None = None) -> None:
+    """Finish a checkpoint written into ``tmp``: state, manifest, fsync, rename to ``final``.
+
+    ``files`` are the entries the ranks made of the files they wrote (``describe``); by default this
+    process describes every file in ``tmp``.
+    """
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+    if files is None:
+        files = describe(tmp, sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
+    else:
+        files = {**files, **describe(tmp, [TRAINER_STATE])}
     manifest = tmp / MANIFEST
     with open(manifest, "w") as f:
-        json.dump({"files": files}, f, indent=2)
+        json.dump({"files": dict(sorted(files.items()))}, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
@@ -74,14 +102,23 @@ def seal(tmp: Path, final: Path, trainer_state: dict) -> None:
     _fsync_dir(final.parent)
 
 
+def recorded_size(path: Path) -> int | None:
+    """The bytes a sealed checkpoint's manifest records (nothing is read but the manifest), or None."""
+    try:
+        return sum(entry["size"] for entry in json.loads((path / MANIFEST).read_text())["files"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def validate(path: Path) -> str | None:
-    """Why ``path`` is not a complete checkpoint, or None when it is."""
+def validate(path: Path, hashes: bool = True) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None when it is; ``hashes=False`` checks the
+    manifest and the sizes only (a glance, for messages: nothing but the manifest is read)."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         return "no manifest (the write never finished)"
@@ -101,7 +138,7 @@ def validate(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != expected["size"]:
             return f"{name} has {file.stat().st_size} bytes, expected {expected['size']}"
-        if _sha256(file) != expected["sha256"]:
+        if hashes and _sha256(file) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -115,10 +152,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
 
 
-def latest_valid(run_dir: Path, quiet: bool = False) -> Path | None:
+def latest_valid(run_dir: Path, quiet: bool = False, hashes: bool = True) -> Path | None:
     """The newest checkpoint that passes validation; broken ones are skipped with a warning."""
     for path in list_checkpoints(run_dir):
-        problem = validate(path)
+        problem = validate(path, hashes)
         if problem is None:
             return path
         if not quiet:

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from launcher.errors import ConfigError, UserError
+from launcher.errors import ConfigError, RunDirError, UserError
 from launcher.runs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,36 @@ def add_job_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from launcher import package_version
+
     parser = argparse.ArgumentParser(prog="launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"launch {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder (pcae, mae, ...)")
     pretrain.add_argument("method", help="registered method name, e.g. pcae or mae")
     add_run_arguments(pretrain, "pretrain/METHOD_local; with --cluster pretrain/METHOD_vit_base")
+
+    grid = commands.add_parser("sweep", help="a grid of pretraining runs: one SLURM job array, or one after another")
+    grid.add_argument("kind", choices=["pretrain"], help="what each point runs")
+    grid.add_argument("method", help="registered method name, e.g. pcae or mae")
+    grid.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides common to every point")
+    grid.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a key and its values; several --grid make the cartesian product",
+    )
+    grid.add_argument("--experiment", help="experiment YAML or shipped name (default as for `launch pretrain`)")
+    grid.add_argument("--sweep-dir", type=Path, help="where the points go (default: named after the sweep)")
+    grid.add_argument("--max-points", type=int, default=64, help="refuse grids of more points (default 64)")
+    grid.add_argument("--max-parallel", type=int, help="SLURM: at most K points running at once (--array=...%%K)")
+    grid.add_argument("--local", action="store_true", help="train the points on this machine, one after another")
+    grid.add_argument("--dry-run", action="store_true", help="print the points (and sbatch script); run nothing")
+    grid_slurm = grid.add_argument_group("SLURM (one job array, each point a job of N nodes)")
+    add_job_flags(grid_slurm)
+    grid_slurm.add_argument("--max-requeues", type=int, default=10, help="requeues per point (default 10)")
 
     for name, what in (
         ("finetune", "fine-tune a pretrained encoder (MAE's recipe; PCAE's token reduction)"),
@@ -74,16 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_run_arguments(downstream, f"{name}/local; with --cluster {name}/vit_base")
 
-    status = commands.add_parser("status", help="state of a SLURM run (or of every run) from sacct")
-    status.add_argument("run", nargs="?", type=Path, help="run directory (default: all runs of all profiles)")
+    status = commands.add_parser("status", help="state, step and cost of a run or sweep (or of every run)")
+    status.add_argument(
+        "run", nargs="?", type=Path, help="run, sweep or a folder of runs (default: ./runs and the profiles' runs_dir)"
+    )
     resume = commands.add_parser("resume", help="resubmit a stopped SLURM run with its recorded config")
     resume.add_argument("run", type=Path)
     resume.add_argument("--max-requeues", type=int, help="override the recorded limit")
-    cancel = commands.add_parser("cancel", help="cancel the SLURM jobs of a run")
+    cancel = commands.add_parser("cancel", help="cancel a run's SLURM jobs, or stop a run of this machine")
     cancel.add_argument("run", type=Path)
-    logs = commands.add_parser("logs", help="print the log of one task of a run's newest job")
+    logs = commands.add_parser("logs", help="print the log of one task of a run (its newest job on SLURM)")
     logs.add_argument("run", type=Path)
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
     logs.add_argument("--rank", type=int, default=0, help="global rank of the task (default 0)")
 
     data = commands.add_parser("data", help="generate a data set")
@@ -143,9 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_flags(study.add_argument_group("SLURM (one job of N nodes runs the study, each run on all of them)"))
 
     commands.add_parser("experiments", help="list the shipped experiment files (address them by name)")
-    export = commands.add_parser("export", help="write a run's encoder in timm's layout (safetensors + JSON)")
+    export = commands.add_parser("export", help="write a run's encoder as a folder timm loads (local-dir:FOLDER)")
     export.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT", help="a run directory or checkpoints/step_N")
-    export.add_argument("--out", type=Path, required=True, help="FILE.safetensors (FILE.json describes it)")
+    export.add_argument(
+        "--out", type=Path, required=True, help="a new folder: model.safetensors + config.json (timm's layout)"
+    )
     export.add_argument(
         "--encoder",
         choices=["student", "teacher"],
@@ -206,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_data.add_argument(
         "--step-rate", help="comma-separated training img/s per GPU (from `launch bench pretrain`): workers needed"
     )
+    bench_ckpt = bench_kinds.add_parser("checkpoint", help="a checkpoint save before/after, in training steps")
+    bench_ckpt.add_argument("--size", default="base", help="ViT size (default base)")
+    bench_ckpt.add_argument("--method", default="pcae", help="registered method (default pcae)")
+    bench_ckpt.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
+    bench_ckpt.add_argument("--steps", type=int, default=3, help="timed training steps")
+    bench_ckpt.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    bench_ckpt.add_argument("--repeats", type=int, default=3, help="timed saves (median)")
+    bench_ckpt.add_argument("--dir", default=None, help="where the run goes (default: the temporary folder)")
     bench_slurm = bench_kinds.add_parser(
         "slurm", help="on a SLURM cluster: submit -> first step, USR2 -> first step after the resume"
     )
@@ -380,6 +416,38 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return launch_run(args, cfg, experiment, experiment.stem, demo=demo)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``launch sweep pretrain METHOD --grid ...``: checked whole, then one job array or one run at a time."""
+    from launcher import sweeps
+    from launcher.experiment import default_experiment
+    from launcher.shipped import find_experiment
+    from methods import UnknownMethodError, get_method
+
+    try:
+        get_method(args.method)
+    except UnknownMethodError as e:
+        raise ConfigError(str(e)) from None
+    check_placement(args)
+    grid = sweeps.parse_grid(args.grid, args.max_points)
+    experiment = (
+        find_experiment(args.experiment)
+        if args.experiment
+        else default_experiment("pretrain", args.method, local=not args.cluster)
+    )
+    sweep = sweeps.Sweep(args.method, str(experiment), list(args.overrides), grid)
+    if args.cluster:
+        from launcher.slurm.submit import SweepArrayWork
+
+        return on_slurm(args, SweepArrayWork(sweep, args.sweep_dir, args.max_parallel))
+    if args.max_parallel is not None:
+        raise ConfigError("--max-parallel limits a SLURM job array; --local trains one point at a time")
+    plan = sweeps.plan(sweep, args.sweep_dir or Path("runs") / sweep.default_name())
+    sys.stdout.write(plan.describe())
+    if args.dry_run:
+        return 0
+    return sweeps.run_locally(plan, sys.stdout)
+
+
 def cmd_downstream(args: argparse.Namespace) -> int:
     """``launch finetune`` / ``launch linprobe``: a pretrained encoder, then the same run machinery."""
     from launcher import sources
@@ -434,10 +502,12 @@ def recorded_method(run_dir: Path | None) -> dict | None:
 def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool) -> int:
     from launcher.config import dump_yaml
     from launcher.data import data_problems
+    from launcher.trainer import planned_schedule
 
     print(
         f"# experiment: {experiment}\n# run directory: {run_dir}"
-        f"{' (exists: would resume)' if resuming else ''}\n{dump_yaml(cfg)}",
+        f"{' (exists: would resume)' if resuming else ''}\n"
+        f"# {planned_schedule(cfg, int(os.environ.get('WORLD_SIZE', '1'))).describe()}\n{dump_yaml(cfg)}",
         end="",
     )
     print_problems("a real run on this machine", [str(e) for e in data_problems(cfg.data_sets())])
@@ -550,16 +620,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def format_status(status: dict) -> str:
     loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
-    line = (
-        f"{status['run_dir']}: job {status['job_id']} on {status['cluster']} {status['state']}, "
-        f"step {status['step'] if status['step'] is not None else '-'}, loss {loss}, "
-        f"restarts {status['restarts']}"
-    )
+    step = "-" if status["step"] is None else str(status["step"])
+    if status.get("pid") is not None:  # a run of this machine
+        where = f"local run, pid {status['pid']} on {status['host']},"
+        step += f"/{status['total_steps']}" if status.get("total_steps") else ""
+    else:
+        where = f"job {status['job_id']} on {status['cluster']}"
+    line = f"{status['run_dir']}: {where} {status['state']}, step {step}, loss {loss}, restarts {status['restarts']}"
     cost = status.get("cost") or {}
     if cost.get("attempts"):
         line += (
             f"\n  cost: {cost['attempts']} attempt(s), {cost['wall_seconds'] / 3600:.3f} h wall time, "
-            f"{cost['node_hours']:.3f} node-hours, {cost['gpu_hours']:.3f} GPU-hours"
+            f"{cost['node_hours']:.3f} node-hours, {cost.get('cpu_hours', 0.0):.3f} CPU-hours, "
+            f"{cost['gpu_hours']:.3f} GPU-hours"
         )
     source = status.get("source_cost")
     if source and source.get("attempts"):
@@ -574,12 +647,21 @@ def format_status(status: dict) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from launcher.slurm import control
+    from launcher.sweeps import is_sweep, summary, table
 
-    runs = [args.run] if args.run else control.find_runs()
+    if args.run and is_sweep(args.run):  # a sweep: one row per point
+        sys.stdout.write(f"sweep {args.run}\n{table(args.run)}")
+        return 0
+    if args.run and not control.is_run(args.run) and not (args.run / "config.yaml").is_file():  # a folder of runs
+        runs = control.find_runs([args.run])
+        if not runs:
+            raise RunDirError(f"{args.run} is neither a run or sweep directory of this tool nor a folder of runs")
+    else:
+        runs = [args.run] if args.run else control.find_runs()
     if not runs:
-        print("no SLURM runs found under the profiles' runs_dir")
+        print("no runs found under ./runs or the profiles' runs_dir (`launch status DIR` looks under DIR)")
     for run in runs:
-        print(format_status(control.run_status(run)))
+        print(summary(run) if is_sweep(run) else format_status(control.run_status(run)))
     return 0
 
 
@@ -592,8 +674,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from launcher import local_runs
     from launcher.slurm import control
 
+    if local_runs.is_local_run(args.run):
+        print(local_runs.cancel(args.run))
+        return 0
     cancelled = control.cancel(args.run)
     print(f"cancelled job(s) {', '.join(cancelled)}" if cancelled else "no active job to cancel")
     return 0
@@ -610,9 +696,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
             pass
         return 0
     if not paths[0].exists():
-        raise UserError(f"no log {paths[0]} yet: the job has not started (see `launch status {args.run}`)")
+        raise UserError(f"no log {paths[0]} yet: the run has not started (see `launch status {args.run}`)")
     sys.stdout.write(paths[0].read_text())
-    if paths[1].exists():  # the trainer's own log of this rank (every attempt), after submitit's lines
+    if len(paths) > 1 and paths[1].exists():  # the trainer's own log of this rank (every attempt)
         sys.stdout.write(f"--- {paths[1]} (the trainer's log of rank {args.rank})\n{paths[1].read_text()}")
     return 0
 
@@ -689,11 +775,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export
 
-    weights, meta = export(args.source, args.out, args.encoder)
+    out = export(args.source, args.out, args.encoder)
     print(
-        f"wrote {weights} and {meta}; load it with\n"
-        f"  timm.create_model(meta['timm_model'], pretrained=True, num_classes=0, "
-        f"pretrained_cfg_overlay={{'file': '{weights}'}}, **meta['timm_kwargs'])"
+        f"wrote {out}/ (model.safetensors, config.json); timm builds and loads it with\n"
+        f'  model = timm.create_model("local-dir:{out}", pretrained=True, num_classes=0)\n'
+        f"  data_config = timm.data.resolve_data_config({{}}, model=model)"
     )
     return 0
 
@@ -749,7 +835,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from launcher.studies.ae_losses_report import write_report
+    from launcher.sweeps import is_sweep
+
+    if is_sweep(args.sweep):  # a `launch sweep pretrain` grid
+        from launcher.sweeps import write_report
+    else:  # a Ray Tune sweep of a study
+        from launcher.studies.ae_losses_report import write_report
 
     path = write_report(args.sweep)
     print(path.read_text())
@@ -759,6 +850,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "pretrain": cmd_pretrain,
+    "sweep": cmd_sweep,
     "finetune": cmd_downstream,
     "linprobe": cmd_downstream,
     "data": cmd_data,

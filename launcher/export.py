@@ -1,14 +1,19 @@
-"""``launch export``: an encoder this project trained, in timm's ``vision_transformer`` layout.
+"""``launch export``: an encoder this project trained, as a folder timm builds and loads by itself.
 
-The file is safetensors with timm's keys (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
-``blocks.N.*``, ``norm.*``): the encoder's blocks already are timm's ``Block``, and the position
-embedding (fixed 2-D sin-cos for pretraining, learnt when fine-tuned) is written with its cls
-row. A JSON sidecar (``FILE.json``) says how to build the model that takes it::
+The folder is timm's own layout for a model with its configuration (as on the Hugging Face hub):
+``model.safetensors`` with timm's ``vision_transformer`` keys (``cls_token``, ``pos_embed``,
+``patch_embed.proj.*``, ``blocks.N.*``, ``norm.*``; the encoder's blocks already are timm's
+``Block``, and the position embedding, fixed 2-D sin-cos for pretraining or learnt when fine-tuned,
+is written with its cls row) and ``config.json``: the architecture with every dimension (depth,
+width, heads, patch and image size, MLP ratio, channels) and the pretrained config (input size,
+mean/std, interpolation, crop) that ``timm.data.resolve_data_config`` reads. So::
 
-    timm.create_model(meta["timm_model"], pretrained=True, num_classes=0,
-                      pretrained_cfg_overlay={"file": "encoder.safetensors"}, **meta["timm_kwargs"])
+    model = timm.create_model("local-dir:FOLDER", pretrained=True, num_classes=0)
 
-An exported file is also a source of ``launch finetune`` (it reads like an official MAE file).
+builds exactly the exported encoder and loads it strictly: a missing or misshapen tensor is an
+error, never a block left at random. ``config.json`` also says where the weights came from (under
+``"launch"``). The folder is also a source of ``launch finetune`` (it reads like an official MAE
+file).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from launcher.config import read_yaml
 from launcher.errors import ConfigError
 from launcher.runs import CONFIG, writing
 
+WEIGHTS, CONFIG_JSON = "model.safetensors", "config.json"
 TIMM_SIZES = {"tiny": "vit_tiny", "small": "vit_small", "base": "vit_base", "large": "vit_large", "huge": "vit_huge"}
 
 
@@ -53,23 +59,24 @@ def checkpoint_of(source: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def timm_model(method: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The timm model name and the keyword arguments that build this encoder."""
+    """The timm model name and the keyword arguments that build this encoder, every dimension given."""
+    import timm
+
     from methods.vit import vit_size
 
     size, patch, img = method["size"], method["patch_size"], method["img_size"]
     preset = vit_size(size)
-    base = TIMM_SIZES.get(size)
-    if base is not None and (patch, img) in ((16, 224), (14, 224), (8, 224), (32, 224)):
-        return f"{base}_patch{patch}_{img}", {"in_chans": method.get("in_chans", 3), "mlp_ratio": method["mlp_ratio"]}
-    # No registered timm name for this size: build on ViT-Ti's with every dimension given.
-    return "vit_tiny_patch16_224", {
+    name = f"{TIMM_SIZES.get(size, 'vit_tiny')}_patch{patch}_{img}"
+    if not timm.is_model(name):
+        name = "vit_tiny_patch16_224"  # no registered name for this size: the arguments below decide
+    return name, {
         "img_size": img,
         "patch_size": patch,
         "embed_dim": preset.embed_dim,
         "depth": preset.depth,
         "num_heads": preset.num_heads,
-        "in_chans": method.get("in_chans", 3),
         "mlp_ratio": method["mlp_ratio"],
+        "in_chans": method.get("in_chans", 3),
     }
 
 
@@ -93,21 +100,24 @@ def timm_state_dict(state: dict[str, torch.Tensor], method: dict[str, Any], whic
     return {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
 
 
-def export(source: Path, out: Path, which: str = "student") -> tuple[Path, Path]:
-    """Write ``out`` (safetensors) and ``out.json``; refuses to overwrite either."""
+FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".json")
+
+
+def export(source: Path, out: Path, which: str = "student") -> Path:
+    """Write the folder ``out`` (``model.safetensors`` and ``config.json``); refuses to overwrite it."""
     from safetensors.torch import save_file
 
     from methods.pretrained import read_state_dict
 
     out = Path(out)
-    meta_path = out.with_suffix(".json")
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"--out {out} must end in .safetensors (timm reads the format by its suffix)")
-    existing = [p for p in (out, meta_path) if p.exists()]
-    if existing:
+    if out.suffix in FILE_SUFFIXES:
         raise ConfigError(
-            f"{', '.join(map(str, existing))} exists; nothing was written. Pass another --out, or remove it first"
+            f"--out {out} names a file; the export is a folder that timm loads as a whole "
+            f'(timm.create_model("local-dir:FOLDER", pretrained=True)). Pass a folder name, e.g. --out '
+            f"{out.with_suffix('')}"
         )
+    if out.exists():
+        raise ConfigError(f"{out} exists; nothing was written. Pass another --out, or remove it first")
     ckpt, config = checkpoint_of(source)
     method = config["method"]
     missing = [k for k in ("size", "patch_size", "img_size", "mlp_ratio") if k not in method]
@@ -117,22 +127,43 @@ def export(source: Path, out: Path, which: str = "student") -> tuple[Path, Path]
         )
     state = timm_state_dict(read_state_dict(ckpt), method, which)
     name, kwargs = timm_model(method)
-    data = config.get("data", {})
-    meta = {
-        "timm_model": name,
-        "timm_kwargs": kwargs,
-        "img_size": method["img_size"],
-        "patch_size": method["patch_size"],
-        "mean": data.get("mean"),
-        "std": data.get("std"),
-        "method": method["name"],
-        "encoder": which,
-        "checkpoint": str(ckpt.resolve()),
-    }
+    description = timm_config(name, kwargs, config.get("data", {}))
+    description["launch"] = {"method": method["name"], "encoder": which, "checkpoint": str(ckpt.resolve())}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     with writing(out, cleanup=tmp):
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(out)
-    return out, meta_path
+        tmp.mkdir()
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG_JSON).write_text(json.dumps(description, indent=2) + "\n")
+        # As any file this process creates, so the group reads it on a shared filesystem (safetensors writes 0600).
+        for path in (tmp / WEIGHTS, tmp / CONFIG_JSON):
+            path.chmod(0o666 & ~checkpoint.current_umask())
+        tmp.rename(out)
+    return out
+
+
+def timm_config(name: str, kwargs: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """timm's ``config.json``: how to build the model (``model_args``) and what it expects (``pretrained_cfg``)."""
+    from launcher.data import DataConfig
+
+    defaults = DataConfig()
+    img = kwargs["img_size"]
+    return {
+        "architecture": name,
+        "num_classes": 0,  # the encoder alone; pass num_classes=K to timm for a new head
+        "num_features": kwargs["embed_dim"],
+        "model_args": kwargs,
+        "pretrained_cfg": {
+            "input_size": [kwargs["in_chans"], img, img],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": data.get("eval_crop_pct", defaults.eval_crop_pct),
+            "crop_mode": "center",
+            "mean": list(data.get("mean") or defaults.mean),
+            "std": list(data.get("std") or defaults.std),
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
+from launcher import local_runs
 from launcher.data import prepare
 from launcher.experiment import ExperimentConfig
-from launcher.slurm.records import record_local_attempt
 from launcher.stopping import StopRequest, install_stop_handlers, signals_interrupt
+from launcher.tracking import check_trackers
 from launcher.trainer import FitResult, Trainer
 
 
@@ -28,17 +28,25 @@ def run_training(cfg: ExperimentConfig, run_dir: Path) -> tuple[Trainer, FitResu
     A stop signal while the data is being generated raises ``Interrupted`` once the generator has
     removed its partial output (nothing is kept; the same command starts it again).
     """
+    check_trackers(cfg.train, run_dir)  # before the data is generated, which may take minutes
     with signals_interrupt(STOP_SIGNALS):
         prepare_data(cfg)
     stop = StopRequest()
     install_stop_handlers(stop, STOP_SIGNALS)
-    started = time.time()
     trainer = Trainer(cfg, run_dir, stop)
     trainer.resume()
-    result = trainer.fit()
-    if trainer.accelerator.is_main_process:  # what this attempt cost, for `launch status RUN`
-        gpus = trainer.accelerator.num_processes if trainer.accelerator.device.type == "cuda" else 0
-        record_local_attempt(run_dir, started, time.time() - started, result.step, gpus)
+    main = trainer.accelerator.is_main_process
+    if main:  # for `launch status|logs|cancel RUN`: who trains it, since when, and how it ended
+        local_runs.start_attempt(run_dir, trainer.state.step, trainer.total_steps)
+    gpus = trainer.accelerator.num_processes if trainer.accelerator.device.type == "cuda" else 0
+    try:
+        result = trainer.fit()
+    except BaseException as e:
+        if main:
+            local_runs.end_attempt(run_dir, trainer.state.step, "failed", gpus, f"{type(e).__name__}: {e}"[:500])
+        raise
+    if main:
+        local_runs.end_attempt(run_dir, result.step, "finished" if result.finished else "stopped", gpus)
     return trainer, result
 
 

@@ -110,7 +110,7 @@ def resume_note(run_dir: Path, resuming: bool) -> str:
 
     if not resuming:
         return ""
-    if checkpoint.latest_valid(run_dir, quiet=True) is None:
+    if checkpoint.latest_valid(run_dir, quiet=True, hashes=False) is None:  # the trainer verifies it
         return " (it holds this config but no valid checkpoint: starting over from step 0)"
     return " (resuming)"
 

@@ -1,7 +1,8 @@
 """Where ``launch finetune`` / ``launch linprobe`` take their encoder from.
 
 A source is a pretraining run directory (its newest valid checkpoint), one of its
-``checkpoints/step_N`` directories, or a weights file (e.g. the official MAE release). The
+``checkpoints/step_N`` directories, a weights file (e.g. the official MAE release), or a folder
+that ``launch export`` wrote (its weights file). The
 weights decide the architecture: for our own runs the ViT fields come from the run's
 ``config.yaml``, for a file they are read off the tensors' shapes. They become config
 overrides placed before the user's own, so the resolved config records them.
@@ -17,6 +18,8 @@ import yaml
 
 from launcher import checkpoint
 from launcher.errors import ConfigError
+from launcher.export import CONFIG_JSON as EXPORTED_CONFIG
+from launcher.export import WEIGHTS as EXPORTED_WEIGHTS
 from launcher.runs import CONFIG
 from methods.pretrained import load_pretrained
 from methods.vit import VIT_SIZES, ViTConfig
@@ -45,6 +48,8 @@ def resolve_source(source: Path, command: str, recorded: dict[str, Any] | None =
     source run may have moved on, or pruned that checkpoint, since).
     """
     source = Path(source)
+    if (source / EXPORTED_CONFIG).is_file() and (source / EXPORTED_WEIGHTS).is_file():  # `launch export`'s folder
+        source = source / EXPORTED_WEIGHTS
     if recorded is not None and recorded.get("name") == command and recorded.get("pretrained"):
         pretrained = Path(recorded["pretrained"])
         if pretrained == source.resolve() or source.resolve() in pretrained.parents:

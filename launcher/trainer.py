@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 from torch.utils.data import DataLoader
 
 from launcher import checkpoint
 from launcher.cpu_allocator import keep_freed_memory
-from launcher.data import open_dataset
+from launcher.data import count_samples, open_dataset
 from launcher.data.sampling import ResumableSampler, SeededDataset, build_loader
 from launcher.data.transforms import build_device_stage, build_transform
 from launcher.embeddings import FeatureCache
@@ -46,6 +47,8 @@ from launcher.runs import (
     writing,
 )
 from launcher.stopping import StopRequest
+from launcher.tracking import Trackers, check_trackers, open_trackers
+from launcher.tracking import check_names as check_tracker_names
 from methods import build_method
 
 if TYPE_CHECKING:
@@ -102,6 +105,12 @@ class TrainConfig:
     check_every: int = 10
     checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at the end
     num_checkpoints_kept: int = 2
+    # Where the scalars go (launcher/tracking.py): any of tensorboard, wandb, mlflow.
+    trackers: tuple[str, ...] = ("tensorboard",)
+    wandb_project: str = "launch"
+    wandb_entity: str | None = None  # None: the W&B account's default entity
+    mlflow_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a file store RUN/../mlruns
+    mlflow_experiment: str = "launch"
 
     def __post_init__(self) -> None:
         for key in (
@@ -115,6 +124,7 @@ class TrainConfig:
         ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key} must be positive, got {getattr(self, key)}")
+        check_tracker_names(self.trackers)
         if self.num_steps < 0:
             raise ValueError(f"train.num_steps must be >= 0 (0: train num_epochs epochs), got {self.num_steps}")
         if self.global_batch_size % self.micro_batch_size:
@@ -165,6 +175,77 @@ class FitResult:
     @property
     def seconds_per_epoch(self) -> float:
         return self.train_seconds * self.steps_per_epoch / self.step if self.step else 0.0
+
+
+@dataclass
+class Schedule:
+    """How a run's batch, learning rate and length follow from its config, its processes and its data."""
+
+    processes: int
+    micro_batch_size: int
+    accumulation_steps: int
+    global_batch_size: int
+    blr: float
+    base_lr: float  # the absolute peak lr: blr x global batch / 256
+    num_samples: int | None  # None: not counted (then the steps are known only from train.num_steps)
+    steps_per_epoch: int | None
+    total_steps: int | None
+    warmup_steps: int | None
+    num_epochs: int
+
+    def describe(self) -> str:
+        """One line: what a dry run shows before anything starts, and the run logs when it does."""
+        batch = (
+            f"{self.processes} processes x {self.micro_batch_size} micro-batch x {self.accumulation_steps} "
+            f"accumulation = global batch {self.global_batch_size}"
+        )
+        lr = f"lr {self.base_lr:.4g} (blr {self.blr:.4g} x {self.global_batch_size}/256)"
+        if self.total_steps is None:
+            steps = (
+                f"{self.num_epochs} epochs of (samples // {self.global_batch_size}) steps: the run counts the "
+                f"samples when it opens its data set (train.num_steps fixes the length)"
+            )
+        elif self.steps_per_epoch is None:
+            steps = f"{self.total_steps} steps (train.num_steps)"
+        else:
+            steps = (
+                f"{self.num_samples} samples, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps "
+                f"(warmup {self.warmup_steps})"
+            )
+        return f"{batch}; {lr}; {steps}"
+
+
+def schedule(train: TrainConfig, optim: OptimConfig, processes: int, num_samples: int | None) -> Schedule:
+    """The run's batch split, absolute lr and steps; ``num_samples`` None when the data set is not counted."""
+    accumulation, remainder = divmod(train.global_batch_size, train.micro_batch_size * processes)
+    if remainder or not accumulation:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
+            f"train.micro_batch_size x processes ({train.micro_batch_size} x {processes}); "
+            f"change one of them or the number of nodes/GPUs"
+        )
+    steps_per_epoch = None if num_samples is None else num_samples // train.global_batch_size
+    total = train.num_steps or (None if steps_per_epoch is None else train.num_epochs * steps_per_epoch)
+    warmup = None if steps_per_epoch is None else round(optim.warmup_epochs * steps_per_epoch)
+    return Schedule(
+        processes,
+        train.micro_batch_size,
+        accumulation,
+        train.global_batch_size,
+        optim.blr,
+        optim.blr * train.global_batch_size / 256,
+        num_samples,
+        steps_per_epoch,
+        total,
+        warmup,
+        train.num_epochs,
+    )
+
+
+def planned_schedule(cfg: ExperimentConfig, processes: int) -> Schedule:
+    """The schedule a run of ``cfg`` on ``processes`` processes will follow, for a dry run. The samples
+    are counted only where that is quick (a generated set); an image folder is counted by the run."""
+    return schedule(cfg.train, cfg.optim, processes, count_samples(cfg.data))
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
@@ -245,7 +326,8 @@ class Trainer:
             model = build_method(cfg.method)
             # Initial weights (a fine-tuning's pretrained encoder) only for a run that starts now:
             # one that resumes finds them all in its checkpoint.
-            if hasattr(model, "initialize") and checkpoint.latest_valid(self.run_dir, quiet=True) is None:
+            self.resume_from = self.newest_valid_checkpoint()
+            if hasattr(model, "initialize") and self.resume_from is None:
                 model.initialize()
         except ValueError as e:  # e.g. a loss network or pretrained weights that are not on this machine
             raise ConfigError(f"cannot build method {cfg.method.name!r}: {e}") from None
@@ -278,6 +360,7 @@ class Trainer:
         # (a SLURM submission has written its config.yaml already: the job reads it). It has one
         # owner: this process, until it exits (rank 0 holds the lock for all ranks).
         if acc.is_main_process:
+            check_trackers(train, self.run_dir)  # a tracker that cannot start stops the run before it is written
             lock_run_dir(self.run_dir)
         if acc.is_main_process:  # a new run's config, or a resume's change of CHANGEABLE_ON_RESUME
             write_config(self.run_dir, cfg)
@@ -295,10 +378,10 @@ class Trainer:
         self.dataset = dataset
         self.device_stage = build_device_stage(cfg.data, cfg.method.img_size)  # data.decode=device
         self.loader = None  # built when training starts: a feature cache needs the resumed weights
+        plan = schedule(train, cfg.optim, acc.num_processes, len(dataset))  # what a dry run printed
+        assert plan.steps_per_epoch == self.sampler.steps_per_epoch
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total_steps = train.num_steps or train.num_epochs * self.steps_per_epoch
-        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        self.base_lr = cfg.optim.blr * train.global_batch_size / 256
+        self.total_steps, self.warmup_steps, self.base_lr = plan.total_steps, plan.warmup_steps, plan.base_lr
 
         model.to(acc.device)  # before the optimizer: fused AdamW wants its parameters on the GPU
         optimizer = build_optimizer(model, cfg.optim, fused=acc.device.type == "cuda")
@@ -308,26 +391,30 @@ class Trainer:
         self.state = TrainState()
         self.saved_step: int | None = None  # step of the newest checkpoint on disk
         self.stop_agreed = False  # the all-reduced stop flag: every rank stops at the same step
+        self.trackers: Trackers | None = None  # rank 0's, while fit() runs
 
         log.info(
-            "method %s: %.1fM trainable parameters; %d processes x %d micro-batch x %d accumulation "
-            "= global batch %d; %d steps/epoch, %d steps; lr %.3g",
+            "method %s: %.1fM trainable parameters; %s",
             cfg.method.name,
             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-            acc.num_processes,
-            train.micro_batch_size,
-            self.accumulation_steps,
-            train.global_batch_size,
-            self.steps_per_epoch,
-            self.total_steps,
-            self.base_lr,
+            plan.describe(),
         )
 
     # ------------------------------------------------------------------ checkpoints
 
+    def newest_valid_checkpoint(self) -> Path | None:
+        """The run's newest valid checkpoint. Validating reads every byte of it, so rank 0 alone does,
+        and tells the other ranks which one it found (a collective: every rank calls this)."""
+        acc = self.accelerator
+        found = checkpoint.latest_valid(self.run_dir) if acc.is_main_process else None
+        if acc.num_processes > 1:
+            found = broadcast_object_list([found], from_process=0)[0]
+        return found
+
     def resume(self) -> bool:
         """Load the newest valid checkpoint of the run directory, if any."""
-        path = checkpoint.latest_valid(self.run_dir)
+        # Verified when the trainer was built, unless it has written checkpoints since.
+        path = self.resume_from if self.saved_step is None else self.newest_valid_checkpoint()
         if path is None:
             return False
         self.accelerator.load_state(str(path))
@@ -393,9 +480,12 @@ class Trainer:
         acc.wait_for_everyone()
         with writing(final, cleanup=tmp, needed_bytes=self.checkpoint_bytes()):
             acc.save_state(str(tmp))
-            acc.wait_for_everyone()  # every rank's RNG file is on disk
+            # Each rank hashes what it wrote, once; gathering the entries waits for every rank's files.
+            files = checkpoint.describe(tmp, checkpoint.written_by(tmp, acc.process_index))
+            if acc.num_processes > 1:
+                files = {name: entry for part in gather_object([files]) for name, entry in part.items()}
             if acc.is_main_process:
-                checkpoint.seal(tmp, final, self.state.state_dict())
+                checkpoint.seal(tmp, final, self.state.state_dict(), files)
         if acc.is_main_process:
             checkpoint.prune(self.run_dir, self.cfg.train.num_checkpoints_kept)
             log.info("checkpoint %s", final)
@@ -405,9 +495,10 @@ class Trainer:
 
     def checkpoint_bytes(self) -> int:
         """About what a checkpoint takes: the newest one's size, or the weights and optimizer state."""
-        newest = checkpoint.latest_valid(self.run_dir) if self.saved_step is not None else None
-        if newest is not None:
-            return sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+        if self.saved_step is not None:  # what the previous one's manifest records: nothing is hashed
+            size = checkpoint.recorded_size(checkpoint.checkpoint_path(self.run_dir, self.saved_step))
+            if size is not None:
+                return size
         tensors = [p for p in self.model.parameters()] + [
             t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
         ]
@@ -433,6 +524,9 @@ class Trainer:
         }
         if acc.is_main_process:
             write_eval(self.run_dir, record)
+            if self.trackers is not None:
+                with writing(self.run_dir):
+                    self.trackers.log_eval(metrics, self.state.step)
         log.info("evaluation at step %d: %s", self.state.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         acc.wait_for_everyone()
         return record
@@ -458,13 +552,17 @@ class Trainer:
         """Train from the current state to the end, or until ``until_step``, then checkpoint."""
         acc, cfg = self.accelerator, self.cfg
         last_step = self.total_steps if until_step is None else min(until_step, self.total_steps)
-        metrics = tensorboard = progress = None
+        metrics = progress = None
+        console = contextlib.ExitStack()
         if acc.is_main_process:
-            metrics = MetricsLog(self.run_dir, self.state.step)
-            from torch.utils.tensorboard import SummaryWriter
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            tensorboard = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.state.step + 1)
+            from launcher.config import to_dict
+
+            metrics = MetricsLog(self.run_dir, self.state.step)
+            with writing(self.run_dir):
+                self.trackers = open_trackers(self.run_dir, to_dict(cfg), cfg.train, self.state.step)
             progress = tqdm(
                 total=self.total_steps,
                 initial=self.state.step,
@@ -473,6 +571,9 @@ class Trainer:
                 dynamic_ncols=True,
                 mininterval=2.0,
             )
+            # While the bar is drawn, console log lines go through tqdm, which clears the bar, writes the
+            # line and redraws the bar below it: the two never share a terminal line.
+            console.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
         self.model.train()
         method = acc.unwrap_model(self.model)
         if self.loader is None:
@@ -501,10 +602,8 @@ class Trainer:
                         progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                         if logged:
                             metrics.write(record)
-                            with writing(self.run_dir / "tb"):
-                                for key, value in record.items():
-                                    if key not in ("step", "epoch"):
-                                        tensorboard.add_scalar(f"train/{key}", value, step)
+                            with writing(self.run_dir):
+                                self.trackers.log_train(record, step)
                     if self.stop_agreed or saved:
                         self.save_checkpoint()
                     if self.stop_agreed:
@@ -525,9 +624,12 @@ class Trainer:
         finally:
             if acc.is_main_process:
                 progress.close()
+                console.close()
                 metrics.close()
-                with contextlib.suppress(OSError, RuntimeError):  # a full disk has been reported already
-                    tensorboard.close()
+                if self.trackers is not None:
+                    with contextlib.suppress(OSError, RuntimeError):  # a full disk has been reported already
+                        self.trackers.close(finished=self.state.step >= self.total_steps)
+                    self.trackers = None
 
     def _build_loader(self, method: nn.Module) -> DataLoader:
         """The training batches: images, or, for a method whose features stay frozen and data that

@@ -3,7 +3,8 @@
 ``compute``: ``pretrain`` (PCAE vs MAE training steps), ``finetune`` (inference with token
 reduction), ``ae-losses`` (the six autoencoder procedures); ``data``: the pretraining input
 pipeline per loader worker; ``slurm_latency``: ``slurm``
-(submission and requeue latencies of a real cluster).
+(submission and requeue latencies of a real cluster); ``checkpoints``: ``checkpoint`` (a save as a
+ratio to a training step).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.bench import compute, data, slurm_latency
+    from launcher.bench import checkpoints, compute, data, slurm_latency
 
     check_arguments(args)
 
@@ -22,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
         "ae-losses": compute.bench_ae_losses,
         "data": data.bench_data,
         "slurm": slurm_latency.bench_slurm,
+        "checkpoint": checkpoints.bench_checkpoint,
     }
     return benchmarks[args.benchmark](args)
 

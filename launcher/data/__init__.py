@@ -115,22 +115,37 @@ class DatasetEntry:
     open: Callable[[DataConfig, int], BaseDataset]  # (config, image size) -> data set
     prepare: Callable[[DataConfig, int], None] | None = None  # makes it, for sets this project makes
     encoded: bool = False  # it has ``encoded(index) -> (EncodedImage, label)``: image files, not pixels
+    # The number of samples without listing or converting anything (for a dry run); None: unknown.
+    count: Callable[[DataConfig], int | None] | None = None
 
 
 _DATASETS: dict[str, DatasetEntry] = {}
 
 
-def register_dataset(name: str, prepare: Callable[[DataConfig, int], None] | None = None, encoded: bool = False):
+def register_dataset(
+    name: str,
+    prepare: Callable[[DataConfig, int], None] | None = None,
+    encoded: bool = False,
+    count: Callable[[DataConfig], int | None] | None = None,
+):
     """Decorator for a function ``(DataConfig, img_size) -> BaseDataset`` that opens data set ``name``;
-    ``encoded``: its data sets also hand out each image's file bytes (``data.decode`` reduced or device)."""
+    ``encoded``: its data sets also hand out each image's file bytes (``data.decode`` reduced or device);
+    ``count``: the number of samples without listing or converting anything (for a dry run)."""
 
     def decorator(fn: Callable[[DataConfig, int], BaseDataset]) -> Callable[[DataConfig, int], BaseDataset]:
         if name in _DATASETS:
             raise ValueError(f"data set {name!r} is registered twice")
-        _DATASETS[name] = DatasetEntry(fn, prepare, encoded)
+        _DATASETS[name] = DatasetEntry(fn, prepare, encoded, count)
         return fn
 
     return decorator
+
+
+def count_samples(cfg: DataConfig) -> int | None:
+    """How many samples ``cfg`` names, where that is known at a glance (no listing of an image folder,
+    no conversion); None otherwise."""
+    entry = _DATASETS[cfg.name]
+    return None if entry.count is None or not cfg.root else entry.count(cfg)
 
 
 def dataset_names() -> list[str]:

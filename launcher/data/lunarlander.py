@@ -678,7 +678,17 @@ def prepare_lunarlander(cfg: DataConfig, img_size: int) -> None:
         )
 
 
-@register_dataset("lunarlander", prepare=prepare_lunarlander)
+def count_lunarlander(cfg: DataConfig) -> int | None:
+    """The frames at ``cfg.root`` (read from its arrays' headers), or those it will generate."""
+    if not (Path(cfg.root) / "meta.json").exists():
+        return cfg.generate_frames or None
+    try:
+        return len(LunarLanderFrames(Path(cfg.root)))
+    except DataError:
+        return None
+
+
+@register_dataset("lunarlander", prepare=prepare_lunarlander, count=count_lunarlander)
 def open_lunarlander(cfg: DataConfig, img_size: int) -> BaseDataset:
     return LunarLanderImages(LunarLanderFrames(Path(cfg.root)))
 

@@ -5,7 +5,6 @@ Nothing here imports torch or submitit: ``launch status|logs|cancel`` answer in 
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -88,8 +87,15 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     A SLURM run's cost (every attempt, from sacct) is also kept in its launch.json; a local run
     (``RUN/local.json``) has its wall time. A fine-tuning or probe run adds its source's cost.
     """
-    if not (Path(run_dir) / LAUNCH_JSON).is_file() and (Path(run_dir) / LOCAL_JSON).is_file():
-        return local_status(run_dir)
+    from launcher import local_runs
+
+    if local_runs.is_local_run(run_dir):
+        return {**local_runs.status(run_dir), "source_cost": source_cost(run_dir)}
+    if not is_run(run_dir) and (Path(run_dir) / "config.yaml").is_file():
+        raise RunDirError(
+            f"{run_dir} holds a config but no record of training yet: it is preparing its data, or it never "
+            f"started. Run the command that made it again to start it"
+        )
     record = read_launch(run_dir)
     jobs = [j["job_id"] for j in record.get("jobs", [])]
     states = sacct_states(jobs)
@@ -117,34 +123,6 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def local_status(run_dir: Path) -> dict[str, Any]:
-    """A run of this machine: its attempts' wall time (RUN/local.json) and how far it got."""
-    metrics = read_metrics(run_dir)
-    last = metrics[-1] if metrics else {}
-    attempts = json.loads((Path(run_dir) / LOCAL_JSON).read_text()).get("attempts", [])
-    seconds = sum(a.get("seconds", 0.0) for a in attempts)
-    gpu_hours = sum(a.get("seconds", 0.0) * a.get("gpus", 0) for a in attempts) / 3600
-    return {
-        "run_dir": str(run_dir),
-        "cluster": "this machine",
-        "job_id": None,
-        "state": "LOCAL",
-        "jobs": {},
-        "step": last.get("step"),
-        "loss": last.get("loss"),
-        "restarts": max(0, len(attempts) - 1),
-        "last_error": None,
-        "cost": {
-            "wall_seconds": seconds,
-            "node_hours": seconds / 3600,
-            "cpu_hours": 0.0,
-            "gpu_hours": gpu_hours,
-            "attempts": len(attempts),
-        },
-        "source_cost": source_cost(run_dir),
-    }
-
-
 def source_cost(run_dir: Path) -> dict[str, Any] | None:
     """The cost of the run a fine-tuning or probe run started from (its ``method.pretrained``), if known."""
     from launcher.config import read_yaml
@@ -163,16 +141,26 @@ def source_cost(run_dir: Path) -> dict[str, Any] | None:
     return {"run_dir": str(source), **run_status(source)["cost"]}
 
 
-def find_runs() -> list[Path]:
-    """Run directories with a launch.json under every profile's runs_dir."""
-    runs: set[Path] = set()
-    for name in profile_names():
-        try:
-            root = Path(load_profile(name).runs_dir)
-        except UserError:
-            continue
-        runs.update(p.parent for p in root.glob(f"*/{LAUNCH_JSON}"))
-    return sorted(runs, key=lambda p: p.stat().st_mtime)
+def find_runs(roots: list[Path] | None = None) -> list[Path]:
+    """Runs (SLURM and local) and sweeps directly under ``roots``, oldest first; by default under
+    ``./runs`` and every profile's runs_dir."""
+    from launcher.sweeps import GRID_FILE
+
+    if roots is None:
+        roots = [Path("runs")]
+        for name in profile_names():
+            try:
+                roots.append(Path(load_profile(name).runs_dir))
+            except UserError:
+                continue
+    found: dict[Path, tuple[float, Path]] = {}
+    for root in roots:
+        for record in (LAUNCH_JSON, LOCAL_JSON, GRID_FILE):
+            for path in Path(root).expanduser().glob(f"*/{record}"):
+                key = path.parent.resolve()
+                touched = max(path.stat().st_mtime, found.get(key, (0.0, path))[0])
+                found[key] = (touched, path.parent)
+    return [run for _, run in sorted(found.values(), key=lambda item: item[0])]
 
 
 def cancel(run_dir: Path) -> list[str]:
@@ -180,13 +168,20 @@ def cancel(run_dir: Path) -> list[str]:
     record = read_launch(run_dir)
     jobs = [j["job_id"] for j in record.get("jobs", [])]
     states = sacct_states(jobs)
-    active = [j for j in jobs if states.get(j, "PENDING") in ACTIVE_STATES]
+    active = [j for j in jobs if any(state in ACTIVE_STATES for state in job_states(j, states))]
     if active:
         if shutil.which("scancel") is None:
             raise SlurmError("no `scancel` on PATH: run this on the cluster's login node")
         subprocess.run(["scancel", *active], check=True, timeout=60)
         update_launch(run_dir, cancelled=now())
     return active
+
+
+def job_states(job_id: str, states: dict[str, str]) -> list[str]:
+    """The states sacct gave for a job, or for every task of an array job (``ID_K``, ``ID_[K-L]``);
+    a job sacct does not know yet is taken as pending."""
+    found = [state for key, state in states.items() if key == job_id or key.startswith(f"{job_id}_")]
+    return found or ["PENDING"]
 
 
 def check_not_active(run_dir: Path) -> None:
@@ -198,8 +193,18 @@ def check_not_active(run_dir: Path) -> None:
         raise SlurmError(f"run {run_dir} still has active job(s) {active}; `launch cancel {run_dir}` first")
 
 
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is a run directory with a record of its jobs (SLURM) or attempts (this machine)."""
+    return (Path(path) / LAUNCH_JSON).is_file() or (Path(path) / LOCAL_JSON).is_file()
+
+
 def log_paths(run_dir: Path, rank: int) -> list[Path]:
-    """Where task ``rank`` of the run's newest job logged: submitit's log, then the trainer's own."""
+    """Where task ``rank`` of the run logged: submitit's log of its newest job, then the trainer's own;
+    for a run of this machine, the trainer's log alone."""
+    from launcher import local_runs
+
+    if local_runs.is_local_run(run_dir):
+        return [local_runs.log_path(run_dir, rank)]
     return [log_path(run_dir, rank), Path(run_dir) / "logs" / f"rank_{rank}.log"]
 
 
@@ -212,9 +217,12 @@ def log_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / job["folder"] / f"{job['job_id']}_{rank}_log.out"
 
 
-def follow(paths: list[Path], run_dir: Path, out: Any = sys.stdout, poll_s: float = 1.0) -> None:
-    """Print ``paths`` and what is appended to them until the run's job is no longer active."""
+def follow(paths: list[Path], run_dir: Path, out: Any = None, poll_s: float = 1.0) -> None:
+    """Print ``paths`` (to ``out``, by default standard output) and what is appended to them until the
+    run is no longer active."""
+    out = out or sys.stdout
     positions = dict.fromkeys(paths, 0)
+    ended = False
     while True:
         for path in paths:
             if path.exists():
@@ -225,10 +233,12 @@ def follow(paths: list[Path], run_dir: Path, out: Any = sys.stdout, poll_s: floa
                 if chunk:
                     out.write(chunk)
                     out.flush()
-        status = run_status(run_dir)
-        if status["state"] not in ACTIVE_STATES and status["state"] != "UNKNOWN":
+        if ended:  # the lines written between the last read and the end were printed above
             return
-        time.sleep(poll_s)
+        status = run_status(run_dir)
+        ended = status["state"] not in ACTIVE_STATES and status["state"] != "UNKNOWN"
+        if not ended:
+            time.sleep(poll_s)
 
 
 def queue_state(job_id: str) -> str:

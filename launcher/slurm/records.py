@@ -121,22 +121,3 @@ def _record_attempt(
         errors.sort(key=lambda e: e["time"])
         entry["error"] = record["last_error"] = errors[0]["error"]
     write_launch(run_dir, record)
-
-
-def record_local_attempt(run_dir: Path, started: float, seconds: float, step: int, gpus: int = 0) -> None:
-    """Add one attempt of a run on this machine to RUN/local.json: its wall time, for `launch status`."""
-    import socket
-
-    path = Path(run_dir) / LOCAL_JSON
-    record = json.loads(path.read_text()) if path.is_file() else {"attempts": []}
-    record["attempts"].append(
-        {
-            "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-            "seconds": round(seconds, 1),
-            "step": step,
-            "host": socket.gethostname(),
-        }
-    )
-    tmp = path.with_name(f".{LOCAL_JSON}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -15,6 +15,7 @@ the work's files (``config.yaml`` / ``sweep.yaml``), submits the job, and writes
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,14 @@ class Work:
     def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
         raise NotImplementedError
 
+    def nothing_to_do(self) -> str | None:
+        """Why nothing needs submitting (a sweep whose points have all finished), or None."""
+        return None
+
+    def array_size(self) -> int | None:
+        """The number of tasks of a job array, or None for one job."""
+        return None
+
     def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
         raise NotImplementedError
 
@@ -125,13 +134,15 @@ def submit(work: Work, request: Request, dry_run: bool = False) -> Submission:
     check_script_values(parameters, directory, res.cluster)
     check_shared(directory, "run directory")
     resuming = work.check(directory, res)
+    if work.nothing_to_do() is not None:
+        return Submission(work.nothing_to_do())
     missing = work.missing(directory, resuming)
     if dry_run:
         try:
             check_cluster(res)
         except SlurmError as e:
             missing.append(e)
-        script = render_sbatch(parameters, directory, max_requeues)
+        script = render_sbatch(parameters, directory, max_requeues, work.array_size())
         return Submission(work.dry_run_text(directory, resuming, res, script), problems=[str(e) for e in missing])
     if missing:
         raise missing[0]
@@ -178,17 +189,23 @@ class TrainingWork(Work):
 
     def check(self, directory: Path, res: Resources) -> bool:
         from launcher.runs import check_run_dir, check_unlocked
+        from launcher.tracking import check_trackers
 
-        train, world = self.cfg.train, res.nodes * res.tasks_per_node
+        check_trackers(self.cfg.train, directory)
+        self.check_batch(res.nodes * res.tasks_per_node)
+        resuming = check_run_dir(directory, self.cfg, writable=False)
+        check_unlocked(directory)
+        return resuming
+
+    def check_batch(self, world: int) -> None:
+        """The global batch must divide over ``world`` processes."""
+        train = self.cfg.train
         if train.global_batch_size % (train.micro_batch_size * world):
             raise ConfigError(
                 f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
                 f"train.micro_batch_size x processes ({train.micro_batch_size} x {world}); "
                 f"change one of them or the number of nodes/GPUs"
             )
-        resuming = check_run_dir(directory, self.cfg, writable=False)
-        check_unlocked(directory)
-        return resuming
 
     def missing(self, directory: Path, resuming: bool) -> list[UserError]:
         """Data sets this host cannot read (no data.root yet, say); a new run directory it cannot create."""
@@ -215,10 +232,13 @@ class TrainingWork(Work):
         return TrainingJob(str(directory), res.gpus_per_node > 0, max_requeues)
 
     def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
+        from launcher.trainer import planned_schedule
+
+        plan = planned_schedule(self.cfg, res.nodes * res.tasks_per_node)
         return (
             f"# experiment: {self.experiment}\n# run directory: {directory}"
             f"{' (exists: would resume)' if resuming else ''}\n"
-            f"{_allocation_line(res)}\n{dump_yaml(self.cfg)}# sbatch script\n{script}"
+            f"{_allocation_line(res)}\n# {plan.describe()}\n{dump_yaml(self.cfg)}# sbatch script\n{script}"
         )
 
     def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
@@ -300,6 +320,83 @@ class StudyWork(Work):
             f"submitted job {job_id} to {res.cluster} ({res.nodes} node(s), partition {res.partition}): "
             f"study {self.study.name}{' (resuming)' if resuming else ''}\nstudy directory {directory}\n"
             f"{_follow_hints(directory)}\n  launch study pcae-vs-mae --report --study-dir {directory}"
+        )
+
+
+class SweepArrayWork(Work):
+    """A pretraining grid (``launch sweep pretrain``): its unfinished points as ONE job array.
+
+    Each task of the array is a normal training run of one point's directory (``TrainingJob``):
+    the same nodes per task, preemption and requeue as ``launch pretrain``; ``--max-parallel K``
+    runs at most K points at once (``--array=...%K``).
+    """
+
+    def __init__(self, sweep: Any, sweep_dir: Path | None, max_parallel: int | None) -> None:
+        self.sweep, self.sweep_dir, self.max_parallel = sweep, sweep_dir, max_parallel
+        self.job_name = f"launch-sweep-{sweep.method}"
+        self.plan = None
+
+    def directory(self, profile: ClusterProfile) -> Path:
+        return Path(self.sweep_dir or Path(profile.runs_dir) / self.sweep.default_name()).resolve()
+
+    def check(self, directory: Path, res: Resources) -> bool:
+        from launcher.sweeps import plan
+        from launcher.tracking import check_trackers
+
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise ConfigError(f"--max-parallel must be >= 1, got {self.max_parallel}")
+        self.plan = plan(self.sweep, directory)
+        world = res.nodes * res.tasks_per_node
+        for name, cfg in self.plan.configs:
+            TrainingWork(cfg, Path(self.sweep.experiment), None, name).check_batch(world)
+        check_trackers(self.plan.configs[0][1].train, directory / "points")
+        return self.plan.resuming
+
+    def nothing_to_do(self) -> str | None:
+        if self.plan is not None and not self.plan.pending:
+            return (
+                f"all {len(self.plan.configs)} points of {self.plan.directory} have finished; nothing submitted\n"
+                f"  launch report {self.plan.directory}"
+            )
+        return None
+
+    def array_size(self) -> int | None:
+        return len(self.plan.pending)
+
+    def write(self, directory: Path) -> None:
+        from launcher.local import prepare_data
+        from launcher.runs import write_config
+        from launcher.sweeps import point_dir
+
+        self.sweep.write(directory)
+        for name, cfg in self.plan.configs:
+            if name in self.plan.pending:
+                prepare_data(cfg)  # once per data set: prepared sets are found and kept
+                if not (point_dir(directory, name) / "config.yaml").is_file():
+                    write_config(point_dir(directory, name), cfg)
+
+    def body(self, directory: Path, res: Resources, max_requeues: int) -> list[TrainingJob]:
+        from launcher.sweeps import point_dir
+
+        return [
+            TrainingJob(str(point_dir(directory, name)), res.gpus_per_node > 0, max_requeues)
+            for name in self.plan.pending
+        ]
+
+    def sbatch_parameters(self, profile: ClusterProfile, res: Resources) -> dict[str, Any]:
+        params = sbatch_parameters(profile, res, self.job_name)
+        if self.max_parallel is not None:
+            params["array_parallelism"] = self.max_parallel
+        return params
+
+    def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
+        return f"{self.plan.describe()}{_allocation_line(res)} per point\n# sbatch script\n{script}"
+
+    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
+        return (
+            f"submitted job array {job_id} to {res.cluster}: {len(self.plan.pending)} point(s) of "
+            f"{res.nodes} node(s) each, partition {res.partition}{' (resuming)' if resuming else ''}\n"
+            f"sweep directory {directory}\n{_follow_hints(directory)}\n  launch report {directory}"
         )
 
 
@@ -469,10 +566,12 @@ def next_submission_folder(directory: Path) -> Path:
     return directory / "slurm" / f"sub{k}"
 
 
-def render_sbatch(parameters: dict[str, Any], directory: Path, max_requeues: int) -> str:
-    """The exact sbatch script a submission into ``directory`` would write now."""
+def render_sbatch(parameters: dict[str, Any], directory: Path, max_requeues: int, array: int | None = None) -> str:
+    """The exact sbatch script a submission into ``directory`` would write now (``array`` tasks: a job array)."""
     executor = _executor(next_submission_folder(directory), max_requeues, render_only=True)
     executor.update_parameters(**parameters)
+    if array is not None and array > 1:
+        executor.parameters["map_count"] = array  # as submitit's own array submission sets it
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
@@ -501,11 +600,48 @@ def submit_recorded(
         }
     )
     write_launch(directory, record)  # before the job starts: its rank 0 adds its attempts here
+    if isinstance(job_body, list):  # a job array: one task per body, each a run of its own directory
+        return submit_array(executor, job_body, directory, folder, record)
     job = executor.submit(job_body)
     record = read_launch(directory)
     record["jobs"].append({"job_id": job.job_id, "folder": str(folder.relative_to(directory)), "submitted": now()})
     write_launch(directory, record)
     return job.job_id
+
+
+def submit_array(executor: Any, bodies: list[Any], directory: Path, folder: Path, record: dict[str, Any]) -> str:
+    """Submit ``bodies`` as one SLURM job array; record the array in ``directory`` and each task in its run."""
+    from launcher.slurm.records import updating
+
+    shared = {k: record[k] for k in ("cluster", "profile", "resources", "max_requeues")}
+    for body in bodies:  # before the tasks start: their rank 0 adds attempts to these records
+        with updating(Path(body.run_dir)):
+            try:
+                task_record = read_launch(Path(body.run_dir))
+            except RunDirError:
+                task_record = {"jobs": [], "attempts": []}
+            write_launch(Path(body.run_dir), {**task_record, **shared})
+    jobs = executor.submit_array(bodies)
+    array_id = jobs[0].job_id.split("_")[0]
+    for body, job in zip(bodies, jobs):
+        run_dir = Path(body.run_dir)
+        with updating(run_dir):
+            task_record = read_launch(run_dir)
+            task_record["jobs"].append(
+                {"job_id": job.job_id, "folder": os.path.relpath(folder, run_dir), "submitted": now()}
+            )
+            write_launch(run_dir, task_record)
+    record = read_launch(directory)
+    record["jobs"].append(
+        {
+            "job_id": array_id,
+            "folder": str(folder.relative_to(directory)),
+            "submitted": now(),
+            "tasks": {Path(b.run_dir).name: j.job_id for b, j in zip(bodies, jobs)},
+        }
+    )
+    write_launch(directory, record)
+    return array_id
 
 
 # ----------------------------------------------------------------------------- live cluster checks

@@ -8,6 +8,8 @@ commands run in a folder outside the repository, so nothing of the checkout is i
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,11 +25,8 @@ from tests.helpers import make_image_folder, tiny_experiment
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    """A virtual environment with the project's wheel installed (no editable install, no checkout)."""
-    root = tmp_path_factory.mktemp("install")
-    source = root / "source"
+def copy_source(source: Path) -> Path:
+    """The files git knows of (committed or not, ignored ones left out), copied into ``source``."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=REPO,
@@ -39,6 +38,22 @@ def installed(tmp_path_factory) -> Path:
         if (REPO / name).is_file():  # a file deleted but not yet committed is skipped
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, source / name)
+    return source
+
+
+def new_environment(env: Path) -> Path:
+    """A virtual environment that sees the project's dependencies (a ``.pth`` file), not the project."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", env], check=True)
+    purelib = Path(sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)}))
+    (purelib / "project-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    return env
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A virtual environment with the project's wheel installed (no editable install, no checkout)."""
+    root = tmp_path_factory.mktemp("install")
+    source = copy_source(root / "source")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist", source], check=True)
     (wheel,) = (root / "dist").glob("launch_encoders-*.whl")
@@ -46,10 +61,7 @@ def installed(tmp_path_factory) -> Path:
     for shipped in ("launcher/experiments/pretrain/pcae_local.yaml", "launcher/clusters/local-test.yaml"):
         assert shipped in names, f"{shipped} is not in the wheel"
     assert not [n for n in names if n.startswith("tests/")]
-    env = root / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", env], check=True)
-    purelib = Path(sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)}))
-    (purelib / "project-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    env = new_environment(root / "env")
     subprocess.run([*pip, "--python", env / "bin" / "python", "install", "--no-deps", wheel], check=True)
     return env
 
@@ -115,3 +127,32 @@ def test_a_tiny_pretraining_runs_from_the_installed_package(installed: Path, tmp
     lines = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert lines and all(0 < m["loss"] < 10 for m in lines if "loss" in m), lines
     assert (tmp_path / "runs" / "tiny" / "checkpoints").is_dir()
+
+
+def test_the_readme_install_line_installs_and_launch_version_answers(tmp_path: Path) -> None:
+    """The README's line as written, its git URL swapped for a file URL of this checkout."""
+    text = (REPO / "README.md").read_text()
+    line = re.search(r"^pip install .*git\+https://\S+\"", text, re.M).group(0)
+    words = shlex.split(line)
+    (requirement,) = [w for w in words if " @ " in w]
+    name, _, url = requirement.partition(" @ ")
+    source = copy_source(tmp_path / "source")
+    env = new_environment(tmp_path / "env")
+    # The dependencies are there already (.pth); pip still checks the requirement's name against the project's.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "--python", env / "bin" / "python"]
+        + ["install", "--no-deps", "--no-build-isolation", f"{name} @ {source.as_uri()}"],
+        check=True,
+    )
+    assert url.startswith("git+") and words[:2] == ["pip", "install"]
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    out = run(env, ["--version"], away)
+    version = subprocess.run(
+        [env / "bin" / "python", "-c", f"import importlib.metadata as m; print(m.version({name!r}))"],
+        cwd=away,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert out.stdout.strip() == f"launch {version}"

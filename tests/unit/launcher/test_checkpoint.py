@@ -69,3 +69,28 @@ def test_every_file_of_a_checkpoint_is_readable_like_the_rest_of_the_run(tmp_pat
     mask = os.umask(0)
     os.umask(mask)
     assert all((p.stat().st_mode & 0o777) == 0o666 & ~mask for p in final.iterdir())
+
+
+def test_a_checkpoint_is_hashed_once_when_sealed_and_once_at_resume(tmp_path: Path, monkeypatch) -> None:
+    """Saving never re-reads the previous checkpoint, and building a trainer and resuming verify the
+    newest one once, not once for the model's initialisation and again for the resume."""
+    from launcher.experiment import experiment_from_dict
+    from launcher.trainer import Trainer
+    from tests.helpers import make_image_folder, tiny_experiment
+
+    hashed: list[Path] = []
+    sha256 = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda path: hashed.append(Path(path)) or sha256(path))
+    images = make_image_folder(tmp_path / "images", per_class=8)
+    raw = tiny_experiment("pcae", images, train={"num_epochs": 1, "checkpoint_every": 1, "num_checkpoints_kept": 3})
+    run = tmp_path / "run"
+    Trainer(experiment_from_dict(raw), run).fit()  # 3 steps, 3 checkpoints
+    sealed = [p for p in hashed if p.parent.name.startswith(checkpoint.TMP_PREFIX)]
+    assert len(sealed) == len(hashed) == len(set(hashed)), "a file was hashed twice, or after its seal"
+    assert sorted({p.parent.name for p in sealed}) == [f".tmp_step_000000{k}" for k in (1, 2, 3)]
+
+    hashed.clear()
+    trainer = Trainer(experiment_from_dict(raw), run)
+    assert trainer.resume() and trainer.state.step == 3
+    newest = checkpoint.checkpoint_path(run, 3)
+    assert sorted(hashed) == sorted(p for p in newest.iterdir() if p.name != checkpoint.MANIFEST)

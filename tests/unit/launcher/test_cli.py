@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
-from tests.helpers import REPO, make_image_folder
+from tests.helpers import REPO, make_image_folder, tiny_experiment
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -90,7 +90,36 @@ def test_dry_run_prints_the_config_and_writes_nothing(tmp_path: Path, capsys) ->
     assert main(["pretrain", "pcae", "--dry-run", "--run-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "name: pcae" in out and f"# run directory: {tmp_path / 'run'}" in out
+    # The local experiment: 12,000 generated frames, batches of 128, blr 1.5e-3, 2 epochs, 1 of warmup.
+    assert (
+        "# 1 processes x 128 micro-batch x 1 accumulation = global batch 128; lr 0.00075 (blr 0.0015 x 128/256); "
+        "12000 samples, 93 steps/epoch, 186 steps (warmup 93)\n"
+    ) in out
     assert not (tmp_path / "run").exists()
+
+
+def test_the_dry_run_schedule_is_the_one_the_run_follows(tmp_path: Path, capsys, caplog) -> None:
+    """Batch split, absolute lr and steps: the dry run's line is the trainer's own."""
+    import logging
+
+    from tests.helpers import write_yaml
+
+    frames = tmp_path / "ll"
+    assert main(["data", "lunarlander", "--frames", "40", "--out", str(frames), "--workers", "1"]) == 0
+    raw = tiny_experiment("mae", frames, train={"num_epochs": 1, "global_batch_size": 16})
+    raw["data"].update(name="lunarlander", augment="none")
+    experiment = write_yaml(tmp_path / "ll.yaml", raw)
+    command = ["pretrain", "mae", "--experiment", str(experiment), "--run-dir", str(tmp_path / "run")]
+    capsys.readouterr()
+    assert main([*command, "--dry-run"]) == 0
+    planned = capsys.readouterr().out.splitlines()[2]
+    assert planned == (
+        "# 1 processes x 4 micro-batch x 4 accumulation = global batch 16; lr 6.25e-05 (blr 0.001 x 16/256); "
+        "40 samples, 2 steps/epoch, 2 steps (warmup 2)"
+    )
+    with caplog.at_level(logging.INFO, logger="launcher.trainer"):
+        assert main(command) == 0
+    assert any(r.getMessage().endswith(planned[2:]) for r in caplog.records), caplog.text
 
 
 OPERATIONS = {"status": "status {run}", "logs": "logs {run} --rank 1", "cancel": "cancel {run}", "help": "--help"}

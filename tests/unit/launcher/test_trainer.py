@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,28 @@ def test_a_frozen_encoder_is_encoded_once_and_trains_the_same_head(tmp_path: Pat
         assert step_a == step_b and abs(a - b) <= 1e-5 * abs(b)
     first, second = (json.loads((tmp_path / run / "eval.json").read_text()) for run in ("cached", "per-step"))
     assert first["acc1"] == second["acc1"] and abs(first["loss"] - second["loss"]) <= 1e-5
+
+
+def test_log_lines_never_share_a_terminal_line_with_the_progress_bar(
+    image_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """On a terminal the bar is redrawn in place with carriage returns; a log line written in the middle
+    of it must start a line of its own, not continue the bar's."""
+    import io
+    import re
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    raw = tiny_experiment("mae", image_folder, train={"num_epochs": 3, "checkpoint_every": 1, "log_every": 1})
+    Trainer(experiment_from_dict(raw), tmp_path / "run").fit()  # logs a line per checkpoint, mid-bar
+    screen = [line.rsplit("\r", 1)[-1] for line in terminal.getvalue().split("\n")]  # what each line shows
+    logged = [line for line in screen if "[rank 0] INFO" in line]
+    assert any("checkpoint" in line for line in logged), terminal.getvalue()
+    stamp = re.compile(r"^\d\d:\d\d:\d\d \[rank 0\] ")
+    assert all(stamp.match(line) for line in logged), [line for line in logged if not stamp.match(line)]
+    raw_lines = terminal.getvalue().split("\n")
+    assert all(not re.search(r"\d+/\d+ \[[^\n\r]*\d\d:\d\d:\d\d \[rank 0\]", line) for line in raw_lines)

@@ -83,6 +83,7 @@ def test_dry_run_prints_config_run_dir_and_sbatch_script_and_submits_nothing(
     out = capsys.readouterr().out
     assert f"# run directory: {run}\n" in out and "method:\n  name: pcae" in out
     assert "#SBATCH --nodes=2\n" in out and "#SBATCH --time=10\n" in out
+    assert "\n# 2 processes x 64 micro-batch x 32 accumulation = global batch 4096; lr 0.0024 (blr 0.00015 x " in out
     assert f"-m submitit.core._submit {run}/slurm/sub1\n" in out
     assert not run.exists()
 
