@@ -396,12 +396,11 @@ def cmd_downstream(args: argparse.Namespace) -> int:
 
 def recorded_method(run_dir: Path | None) -> dict | None:
     """The method section of ``run_dir``'s config, when it holds a run already."""
-    from launcher.config import read_yaml
-    from launcher.runs import CONFIG
+    from launcher.runs import CONFIG, read_run_config
 
     if run_dir is None or not (Path(run_dir) / CONFIG).is_file():
         return None
-    return read_yaml(Path(run_dir) / CONFIG).get("method")
+    return read_run_config(run_dir)["method"]
 
 
 def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool) -> int:
@@ -538,9 +537,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     runs = [args.run] if args.run else control.find_runs()
     if not runs:
         print("no SLURM runs found under the profiles' runs_dir")
+    code = 0
     for run in runs:
-        print(format_status(control.run_status(run)))
-    return 0
+        try:
+            print(format_status(control.run_status(run)))
+        except UserError as e:  # one damaged run does not hide the others
+            if args.run:
+                raise
+            print(f"{run}: {e}", file=sys.stderr)
+            code = 2
+    return code
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

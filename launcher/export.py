@@ -21,9 +21,8 @@ from typing import Any
 import torch
 
 from launcher import checkpoint
-from launcher.config import read_yaml
 from launcher.errors import ConfigError
-from launcher.runs import CONFIG, writing
+from launcher.runs import CONFIG, read_run_config, writing
 
 TIMM_SIZES = {"tiny": "vit_tiny", "small": "vit_small", "base": "vit_base", "large": "vit_large", "huge": "vit_huge"}
 
@@ -32,21 +31,23 @@ def checkpoint_of(source: Path) -> tuple[Path, dict[str, Any]]:
     """(checkpoint directory, the run's config) of a run directory (its newest valid one) or checkpoint."""
     source = Path(source)
     if (source / CONFIG).is_file():
+        config = read_run_config(source)
         found = checkpoint.latest_valid(source)
         if found is None:
             raise ConfigError(
                 f"run {source} has no valid checkpoint to export yet; let it train until it writes one "
                 f"(train.checkpoint_every), or pass another run"
             )
-        return found, read_yaml(source / CONFIG)
+        return found, config
     run_dir = source.parents[1] if len(source.parents) > 1 else source
     if source.is_dir() and (run_dir / CONFIG).is_file() and checkpoint.checkpoints_root(run_dir) == source.parent:
+        config = read_run_config(run_dir)
         problem = checkpoint.validate(source)
         if problem:
             raise ConfigError(
                 f"checkpoint {source} is not valid ({problem}); pass its run directory to take the newest valid one"
             )
-        return source, read_yaml(run_dir / CONFIG)
+        return source, config
     raise ConfigError(
         f"{source} is neither a run directory (with {CONFIG}) nor one of its checkpoints/step_N; pass one of those"
     )

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from launcher.config import dump_yaml, to_dict
+from launcher.config import dump_yaml, load_yaml, to_dict, yaml_problem
 from launcher.errors import RunDirError, UserError
 
 if TYPE_CHECKING:
@@ -58,6 +58,40 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """``RUN/config.yaml``: a mapping with a method name, or a ``RunDirError`` saying how to write it again.
+
+    The file is the run's one record of its config, written (atomically) when the run started:
+    one that is empty, unreadable or of the wrong shape was damaged since, and every command that
+    continues the run (resume, export, finetune, status) stops here rather than guessing.
+    """
+    path = Path(run_dir) / CONFIG
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        problem = f"is not UTF-8 text (byte {e.start}: {e.reason})"
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror})"
+    except yaml.YAMLError as e:
+        problem = f"is not valid YAML ({yaml_problem(e)})"
+    else:
+        if data is None:
+            problem = "is empty"
+        elif not isinstance(data, dict):
+            problem = f"holds a {type(data).__name__}, not a mapping of sections (method, data, optim, train, eval)"
+        elif not isinstance(data.get("method"), dict) or not data["method"].get("name"):
+            problem = "has no method.name"
+        else:
+            return data
+    raise RunDirError(
+        f"{path} {problem}: it should hold the run's resolved config, and nothing was done without it. Write it "
+        f"again: the command that started the run, with --dry-run added and without --run-dir, prints that config "
+        f"(for a SLURM run also drop --cluster and its flags and name its experiment with --experiment; add the "
+        f"KEY=VALUE changes {CONFIG_HISTORY} lists, if any), so `launch ... --dry-run > {path}` restores it. Then "
+        f"run your command again."
+    )
+
+
 def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
     """Whether ``run_dir`` already holds this config (a resume); raise if it holds another."""
     run_dir = Path(run_dir)
@@ -69,8 +103,7 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
         )
     existing = run_dir / CONFIG
     if existing.is_file():
-        old = yaml.safe_load(existing.read_text())
-        changes = _differences(old, to_dict(cfg))
+        changes = _differences(read_run_config(run_dir), to_dict(cfg))
         diffs = [f"{key}: {a!r} -> {b!r}" for key, a, b in changes if key not in CHANGEABLE_ON_RESUME]
         if diffs:
             raise RunDirError(
@@ -114,7 +147,7 @@ def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG
-    changes = _differences(yaml.safe_load(path.read_text()), to_dict(cfg)) if path.is_file() else []
+    changes = _differences(read_run_config(run_dir), to_dict(cfg)) if path.is_file() else []
     if path.is_file() and not changes:
         return
     if changes:
