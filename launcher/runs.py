@@ -112,6 +112,9 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
                 f"same config (only {', '.join(CHANGEABLE_ON_RESUME)} may change on a resume); to start a "
                 f"new run, pass another --run-dir."
             )
+        blocked = first_unwritable(run_dir)
+        if blocked is not None:
+            raise cannot_resume(run_dir, blocked)
         return True
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(
@@ -124,6 +127,31 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig) -> bool:
             f"cannot write the run directory {run_dir}: {parent} is not writable. Pass a --run-dir you can write to."
         )
     return False
+
+
+# Files a resume opens for writing where they are (the rest it replaces, or makes anew, in their folders).
+WRITTEN_IN_PLACE = (LOCK, ".launch.lock", EVAL_HISTORY)
+
+
+def first_unwritable(run_dir: Path) -> Path | None:
+    """The first folder of ``run_dir``, or file a resume writes in place, that this user cannot write."""
+    for folder, _, files in os.walk(run_dir):
+        here = Path(folder)
+        if not os.access(here, os.W_OK | os.X_OK):
+            return here
+        in_place = files if here.name == "logs" else [f for f in files if f in WRITTEN_IN_PLACE]
+        blocked = next((here / f for f in in_place if not os.access(here / f, os.W_OK)), None)
+        if blocked is not None:
+            return blocked
+    return None
+
+
+def cannot_resume(run_dir: Path, blocked: Path, doing: str = "resume the run in") -> RunDirError:
+    return RunDirError(
+        f"cannot {doing} {run_dir}: {blocked} is not writable by this user, and a run writes its lock, "
+        f"checkpoints, metrics and logs there. Make the run writable again (its owner can `chmod -R u+w "
+        f"{run_dir}`), or copy it to a folder you can write and resume the copy."
+    )
 
 
 def resume_note(run_dir: Path, resuming: bool) -> str:
@@ -184,8 +212,11 @@ def lock_run_dir(run_dir: Path) -> None:
     path = (Path(run_dir) / LOCK).resolve()
     if path in _HELD_LOCKS:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:  # check_run_dir refuses this before anything starts; another host may differ
+        raise cannot_resume(run_dir, path, "train in") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

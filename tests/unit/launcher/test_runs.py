@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import launch, make_image_folder, tiny_experiment, write_yaml
+from tests.helpers import (
+    launch,
+    launch_as_another_user,
+    make_image_folder,
+    readable_by_all,
+    tiny_experiment,
+    write_yaml,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +100,42 @@ def test_status_of_every_run_shows_the_others_when_one_is_damaged(
     captured = capsys.readouterr()
     assert f"{shared_tmp / 'good'}: job None on c NOT SUBMITTED, step 8" in captured.out
     assert f"{shared_tmp / 'damaged'}: {shared_tmp / 'damaged' / 'config.yaml'} is empty" in captured.err
+
+
+@pytest.fixture
+def shared_run(finished, shared_tmp: Path) -> tuple[Path, Path]:
+    """(experiment, run) copied into a folder every user may read and only root may write."""
+    experiment, source = finished
+    images = shared_tmp / "images"
+    shutil.copytree(yaml.safe_load(experiment.read_text())["data"]["root"], images)
+    config = yaml.safe_load((source / "config.yaml").read_text())
+    config["data"]["root"] = str(images)
+    experiment = write_yaml(shared_tmp / "mae.yaml", config)
+    run = shared_tmp / "run"
+    shutil.copytree(source, run)
+    write_yaml(run / "config.yaml", config)
+    profile = {"partition": "p", "runs_dir": str(shared_tmp), "max_nodes": 1, "time_min": 10}
+    resources = {"cluster": "c", "nodes": 1, "gpus_per_node": 0, "partition": "p", "time_min": 10}
+    (run / "launch.json").write_text(json.dumps({"cluster": "c", "profile": profile, "resources": resources}))
+    readable_by_all(shared_tmp)
+    return experiment, run
+
+
+@pytest.mark.parametrize(
+    "command, unwritable",
+    [("pretrain --run-dir", "the run directory"), ("pretrain --run-dir", "its lock"), ("resume", "the run directory")],
+)
+def test_resuming_a_run_this_user_cannot_write_is_one_paragraph(shared_run, command: str, unwritable: str) -> None:
+    experiment, run = shared_run
+    if unwritable == "its lock":
+        run.chmod(0o777)  # the folder is anyone's; the lock file a previous owner left is not
+        (run / ".lock").write_text("")
+        (run / ".lock").chmod(0o644)
+    before = sorted(p.name for p in run.iterdir())
+    args = ["resume", run] if command == "resume" else ["pretrain", "mae", "--experiment", experiment, "--run-dir", run]
+    result = launch_as_another_user(*args)
+    assert result.returncode == 2, result.stderr
+    blocked = run if unwritable == "the run directory" else run / ".lock"
+    assert f"cannot resume the run in {run}: {blocked} is not writable by this user" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == before
