@@ -94,6 +94,16 @@ def timm_state_dict(state: dict[str, torch.Tensor], method: dict[str, Any], whic
     return {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an ``out`` whose nearest existing folder is a file or not this user's to write, before any work."""
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        why = "is not writable by this user" if folder.is_dir() else "is a file, not a folder"
+        raise ConfigError(
+            f"cannot write --out {out}: {folder} {why}; nothing was written. Pass an --out in a folder you can write"
+        )
+
+
 def export(source: Path, out: Path, which: str = "student") -> tuple[Path, Path]:
     """Write ``out`` (safetensors) and ``out.json``; refuses to overwrite either."""
     from safetensors.torch import save_file
@@ -109,6 +119,7 @@ def export(source: Path, out: Path, which: str = "student") -> tuple[Path, Path]
         raise ConfigError(
             f"{', '.join(map(str, existing))} exists; nothing was written. Pass another --out, or remove it first"
         )
+    check_writable(out)
     ckpt, config = checkpoint_of(source)
     method = config["method"]
     missing = [k for k in ("size", "patch_size", "img_size", "mlp_ratio") if k not in method]
