@@ -672,14 +672,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "init":
         from launcher.slurm.profiles import check_shared
 
-        profiles.check_profile_name(args.name)
-        path = profiles.user_profile_dir() / f"{args.name}.yaml"
+        path = profiles.profile_path_to_write(args.name)
         if path.exists() and not args.force:
             raise ConfigError(f"profile {path} exists; pass --force to overwrite it, or choose another name")
         if args.runs_dir:
             check_shared(Path(args.runs_dir), "--runs-dir")
+        runs_dir = args.runs_dir or str(discover.default_runs_dir())  # before SLURM is asked anything
         description = discover.describe_cluster()
-        profile = discover.profile_from(description, args.partition, args.runs_dir)
+        profile = discover.profile_from(description, args.partition, runs_dir)
         text = discover.profile_text(profile, description)
         tmp = path.with_suffix(".tmp")
         try:
