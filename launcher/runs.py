@@ -41,8 +41,15 @@ EVAL = "eval.json"
 EVAL_HISTORY = "eval.jsonl"
 CONFIG_HISTORY = "config_history.yaml"
 # What a resume may change: none of it is in a checkpoint's state (the lr is a function of the step,
-# clipping and precision act in the loop), so it takes effect from the resumed step on.
-CHANGEABLE_ON_RESUME = ("optim.blr", "optim.min_lr", "optim.clip_grad", "train.mixed_precision")
+# clipping and precision act in the loop, the last decides only whether a resume may be inexact), so it
+# takes effect from the resumed step on.
+CHANGEABLE_ON_RESUME = (
+    "optim.blr",
+    "optim.min_lr",
+    "optim.clip_grad",
+    "train.mixed_precision",
+    "train.allow_inexact_resume",
+)
 
 
 def default_run_dir(command: str, experiment: str) -> Path:

@@ -102,6 +102,9 @@ class TrainConfig:
     check_every: int = 10
     checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at the end
     num_checkpoints_kept: int = 2
+    # A checkpoint whose random states cannot be restored stops the resume (it would not repeat the
+    # uninterrupted run). True: resume from it all the same, with a warning in the run's log.
+    allow_inexact_resume: bool = False
 
     def __post_init__(self) -> None:
         for key in (
@@ -359,6 +362,17 @@ class Trainer:
             return
         if restored:
             rng_file, why = path / f"{RNG_STATE_NAME}_*.pkl", "another rank's file could not be restored"
+        if self.cfg.train.allow_inexact_resume:
+            step = checkpoint.read_trainer_state(path)["step"]
+            log.warning(
+                "INEXACT RESUME from %s, as train.allow_inexact_resume asks: the random states of %s were not "
+                "restored (%s), so the losses from step %d on will not repeat an uninterrupted run's",
+                path,
+                rng_file,
+                why,
+                step,
+            )
+            return
         older = [p for p in checkpoint.list_checkpoints(self.run_dir) if p != path and checkpoint.validate(p) is None]
         fallback = (
             f"move {path} aside to resume exactly from {older[0]}"
@@ -367,7 +381,9 @@ class Trainer:
         )
         raise RunDirError(
             f"cannot restore the random states of {rng_file} ({why}); a resume without them would not repeat "
-            f"the uninterrupted run's losses. The file is damaged: {fallback}."
+            f"the uninterrupted run's losses. The file is damaged: {fallback}; or, to resume from it all the same "
+            f"(the losses will differ from an uninterrupted run's), run the same command with "
+            f"train.allow_inexact_resume=true."
         )
 
     def diverged(self, what: str) -> DivergedError:
