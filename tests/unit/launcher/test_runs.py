@@ -37,6 +37,7 @@ DAMAGE = {
 COMMANDS = {
     "export": "export {run} --out {tmp}/e.safetensors",
     "finetune": "finetune {run} --run-dir {tmp}/ft",
+    "finetune --run-dir": "finetune {source} --run-dir {run}",
     "resume": "resume {run}",
     "pretrain --run-dir": "pretrain mae --experiment {experiment} --run-dir {run}",
     "status": "status {run}",
@@ -55,7 +56,7 @@ def test_a_damaged_run_config_is_one_paragraph_and_changes_nothing(
     content, problem = DAMAGE[damage]
     (run / "config.yaml").write_bytes(content)
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    assert launch(COMMANDS[command].format(run=run, tmp=tmp_path, experiment=experiment)) == 2
+    assert launch(COMMANDS[command].format(run=run, tmp=tmp_path, experiment=experiment, source=source)) == 2
     err = capsys.readouterr().err
     assert f"{run / 'config.yaml'} {problem}" in err and "Traceback" not in err
     assert "--dry-run" in err and f"> {run / 'config.yaml'}" in err  # how to write it again
