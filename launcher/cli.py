@@ -491,12 +491,11 @@ def cmd_downstream(args: argparse.Namespace) -> int:
 
 def recorded_method(run_dir: Path | None) -> dict | None:
     """The method section of ``run_dir``'s config, when it holds a run already."""
-    from launcher.config import read_yaml
-    from launcher.runs import CONFIG
+    from launcher.runs import CONFIG, read_run_config
 
     if run_dir is None or not (Path(run_dir) / CONFIG).is_file():
         return None
-    return read_yaml(Path(run_dir) / CONFIG).get("method")
+    return read_run_config(run_dir)["method"]
 
 
 def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool) -> int:
@@ -660,9 +659,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         runs = [args.run] if args.run else control.find_runs()
     if not runs:
         print("no runs found under ./runs or the profiles' runs_dir (`launch status DIR` looks under DIR)")
+    code = 0
     for run in runs:
-        print(summary(run) if is_sweep(run) else format_status(control.run_status(run)))
-    return 0
+        try:
+            print(summary(run) if is_sweep(run) else format_status(control.run_status(run)))
+        except UserError as e:  # one damaged run does not hide the others
+            if args.run:
+                raise
+            print(f"{run}: {e}", file=sys.stderr)
+            code = 2
+    return code
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -799,14 +805,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "init":
         from launcher.slurm.profiles import check_shared
 
-        profiles.check_profile_name(args.name)
-        path = profiles.user_profile_dir() / f"{args.name}.yaml"
+        path = profiles.profile_path_to_write(args.name)
         if path.exists() and not args.force:
             raise ConfigError(f"profile {path} exists; pass --force to overwrite it, or choose another name")
         if args.runs_dir:
             check_shared(Path(args.runs_dir), "--runs-dir")
+        runs_dir = args.runs_dir or str(discover.default_runs_dir())  # before SLURM is asked anything
         description = discover.describe_cluster()
-        profile = discover.profile_from(description, args.partition, args.runs_dir)
+        profile = discover.profile_from(description, args.partition, runs_dir)
         text = discover.profile_text(profile, description)
         tmp = path.with_suffix(".tmp")
         try:

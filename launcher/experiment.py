@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from launcher.config import build_dataclass, parse_override, read_yaml, set_dotted
-from launcher.data import DataConfig
+from launcher.data import CHANNELS, DataConfig
 from launcher.errors import ConfigError
 from launcher.evaluate import EvalConfig
 from launcher.trainer import OptimConfig, TrainConfig
@@ -30,6 +30,14 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.method.in_chans != CHANNELS:  # caught here, not at the first step in a written run directory
+            raise ValueError(
+                f"method.in_chans is {self.method.in_chans}, but every data set is read as RGB images ({CHANNELS} "
+                f"channels; a greyscale file is converted): set method.in_chans={CHANNELS}, or fine-tune from an "
+                f"encoder of RGB images"
+            )
 
     def data_sets(self) -> list[DataConfig]:
         """Every data set the run reads: training, then evaluation."""
@@ -84,7 +92,10 @@ def experiment_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         raw["eval"] = {**evaluation, "data": {**(raw.get("data") or {}), **evaluation["data"]}}
     hints = get_type_hints(ExperimentConfig)
     built = {key: build_dataclass(hints[key], raw.get(key) or {}, key) for key in sections}
-    return ExperimentConfig(method=method_cfg, **built)
+    try:
+        return ExperimentConfig(method=method_cfg, **built)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def default_experiment(kind: str, method: str, local: bool) -> Path:

@@ -26,9 +26,8 @@ from typing import Any
 import torch
 
 from launcher import checkpoint
-from launcher.config import read_yaml
 from launcher.errors import ConfigError
-from launcher.runs import CONFIG, writing
+from launcher.runs import CONFIG, read_run_config, writing
 
 WEIGHTS, CONFIG_JSON = "model.safetensors", "config.json"
 TIMM_SIZES = {"tiny": "vit_tiny", "small": "vit_small", "base": "vit_base", "large": "vit_large", "huge": "vit_huge"}
@@ -38,21 +37,23 @@ def checkpoint_of(source: Path) -> tuple[Path, dict[str, Any]]:
     """(checkpoint directory, the run's config) of a run directory (its newest valid one) or checkpoint."""
     source = Path(source)
     if (source / CONFIG).is_file():
+        config = read_run_config(source)
         found = checkpoint.latest_valid(source)
         if found is None:
             raise ConfigError(
                 f"run {source} has no valid checkpoint to export yet; let it train until it writes one "
                 f"(train.checkpoint_every), or pass another run"
             )
-        return found, read_yaml(source / CONFIG)
+        return found, config
     run_dir = source.parents[1] if len(source.parents) > 1 else source
     if source.is_dir() and (run_dir / CONFIG).is_file() and checkpoint.checkpoints_root(run_dir) == source.parent:
+        config = read_run_config(run_dir)
         problem = checkpoint.validate(source)
         if problem:
             raise ConfigError(
                 f"checkpoint {source} is not valid ({problem}); pass its run directory to take the newest valid one"
             )
-        return source, read_yaml(run_dir / CONFIG)
+        return source, config
     raise ConfigError(
         f"{source} is neither a run directory (with {CONFIG}) nor one of its checkpoints/step_N; pass one of those"
     )
@@ -103,6 +104,16 @@ def timm_state_dict(state: dict[str, torch.Tensor], method: dict[str, Any], whic
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".json")
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an ``out`` whose nearest existing folder is a file or not this user's to write, before any work."""
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        why = "is not writable by this user" if folder.is_dir() else "is a file, not a folder"
+        raise ConfigError(
+            f"cannot write --out {out}: {folder} {why}; nothing was written. Pass an --out in a folder you can write"
+        )
+
+
 def export(source: Path, out: Path, which: str = "student") -> Path:
     """Write the folder ``out`` (``model.safetensors`` and ``config.json``); refuses to overwrite it."""
     from safetensors.torch import save_file
@@ -118,6 +129,7 @@ def export(source: Path, out: Path, which: str = "student") -> Path:
         )
     if out.exists():
         raise ConfigError(f"{out} exists; nothing was written. Pass another --out, or remove it first")
+    check_writable(out)
     ckpt, config = checkpoint_of(source)
     method = config["method"]
     missing = [k for k in ("size", "patch_size", "img_size", "mlp_ratio") if k not in method]

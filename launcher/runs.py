@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from launcher.config import dump_yaml, to_dict
+from launcher.config import dump_yaml, load_yaml, to_dict, yaml_problem
 from launcher.errors import RunDirError, UserError
 
 if TYPE_CHECKING:
@@ -41,8 +41,15 @@ EVAL = "eval.json"
 EVAL_HISTORY = "eval.jsonl"
 CONFIG_HISTORY = "config_history.yaml"
 # What a resume may change: none of it is in a checkpoint's state (the lr is a function of the step,
-# clipping and precision act in the loop), so it takes effect from the resumed step on.
-CHANGEABLE_ON_RESUME = ("optim.blr", "optim.min_lr", "optim.clip_grad", "train.mixed_precision")
+# clipping and precision act in the loop, the last decides only whether a resume may be inexact), so it
+# takes effect from the resumed step on.
+CHANGEABLE_ON_RESUME = (
+    "optim.blr",
+    "optim.min_lr",
+    "optim.clip_grad",
+    "train.mixed_precision",
+    "train.allow_inexact_resume",
+)
 
 
 def default_run_dir(command: str, experiment: str) -> Path:
@@ -56,6 +63,40 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
         keys = sorted(set(old) | set(new))
         return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
     return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """``RUN/config.yaml``: a mapping with a method name, or a ``RunDirError`` saying how to write it again.
+
+    The file is the run's one record of its config, written (atomically) when the run started:
+    one that is empty, unreadable or of the wrong shape was damaged since, and every command that
+    continues the run (resume, export, finetune, status) stops here rather than guessing.
+    """
+    path = Path(run_dir) / CONFIG
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        problem = f"is not UTF-8 text (byte {e.start}: {e.reason})"
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror})"
+    except yaml.YAMLError as e:
+        problem = f"is not valid YAML ({yaml_problem(e)})"
+    else:
+        if data is None:
+            problem = "is empty"
+        elif not isinstance(data, dict):
+            problem = f"holds a {type(data).__name__}, not a mapping of sections (method, data, optim, train, eval)"
+        elif not isinstance(data.get("method"), dict) or not data["method"].get("name"):
+            problem = "has no method.name"
+        else:
+            return data
+    raise RunDirError(
+        f"{path} {problem}: it should hold the run's resolved config, and nothing was done without it. Write it "
+        f"again: the command that started the run, with --dry-run added and without --run-dir, prints that config "
+        f"(for a SLURM run also drop --cluster and its flags and name its experiment with --experiment; add the "
+        f"KEY=VALUE changes {CONFIG_HISTORY} lists, if any), so `launch ... --dry-run > {path}` restores it. Then "
+        f"run your command again."
+    )
 
 
 def check_run_dir(run_dir: Path, cfg: ExperimentConfig, writable: bool = True) -> bool:
@@ -73,8 +114,7 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig, writable: bool = True) -
         )
     existing = run_dir / CONFIG
     if existing.is_file():
-        old = yaml.safe_load(existing.read_text())
-        changes = _differences(old, to_dict(cfg))
+        changes = _differences(read_run_config(run_dir), to_dict(cfg))
         diffs = [f"{key}: {a!r} -> {b!r}" for key, a, b in changes if key not in CHANGEABLE_ON_RESUME]
         if diffs:
             raise RunDirError(
@@ -83,6 +123,9 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig, writable: bool = True) -
                 f"same config (only {', '.join(CHANGEABLE_ON_RESUME)} may change on a resume); to start a "
                 f"new run, pass another --run-dir."
             )
+        blocked = first_unwritable(run_dir)
+        if blocked is not None:
+            raise cannot_resume(run_dir, blocked)
         return True
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(
@@ -102,6 +145,31 @@ def check_writable(run_dir: Path) -> None:
         raise RunDirError(
             f"cannot write the run directory {run_dir}: {parent} is not writable. Pass a --run-dir you can write to."
         )
+
+
+# Files a resume opens for writing where they are (the rest it replaces, or makes anew, in their folders).
+WRITTEN_IN_PLACE = (LOCK, ".launch.lock", EVAL_HISTORY)
+
+
+def first_unwritable(run_dir: Path) -> Path | None:
+    """The first folder of ``run_dir``, or file a resume writes in place, that this user cannot write."""
+    for folder, _, files in os.walk(run_dir):
+        here = Path(folder)
+        if not os.access(here, os.W_OK | os.X_OK):
+            return here
+        in_place = files if here.name == "logs" else [f for f in files if f in WRITTEN_IN_PLACE]
+        blocked = next((here / f for f in in_place if not os.access(here / f, os.W_OK)), None)
+        if blocked is not None:
+            return blocked
+    return None
+
+
+def cannot_resume(run_dir: Path, blocked: Path, doing: str = "resume the run in") -> RunDirError:
+    return RunDirError(
+        f"cannot {doing} {run_dir}: {blocked} is not writable by this user, and a run writes its lock, "
+        f"checkpoints, metrics and logs there. Make the run writable again (its owner can `chmod -R u+w "
+        f"{run_dir}`), or copy it to a folder you can write and resume the copy."
+    )
 
 
 def resume_note(run_dir: Path, resuming: bool) -> str:
@@ -125,7 +193,7 @@ def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG
-    changes = _differences(yaml.safe_load(path.read_text()), to_dict(cfg)) if path.is_file() else []
+    changes = _differences(read_run_config(run_dir), to_dict(cfg)) if path.is_file() else []
     if path.is_file() and not changes:
         return
     if changes:
@@ -162,8 +230,11 @@ def lock_run_dir(run_dir: Path) -> None:
     path = (Path(run_dir) / LOCK).resolve()
     if path in _HELD_LOCKS:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:  # check_run_dir refuses this before anything starts; another host may differ
+        raise cannot_resume(run_dir, path, "train in") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from launcher import checkpoint
 from launcher.errors import ConfigError
 from launcher.export import CONFIG_JSON as EXPORTED_CONFIG
 from launcher.export import WEIGHTS as EXPORTED_WEIGHTS
-from launcher.runs import CONFIG
+from launcher.runs import CONFIG, read_run_config
 from methods.pretrained import load_pretrained
 from methods.vit import VIT_SIZES, ViTConfig
 
@@ -63,8 +61,8 @@ def resolve_source(source: Path, command: str, recorded: dict[str, Any] | None =
             f"to resume it, or another --run-dir to start a new run"
         )
     if (source / CONFIG).is_file():  # a run directory
+        run_config = read_run_config(source)
         run_dir, ckpt = source, checkpoint.latest_valid(source)
-        run_config = yaml.safe_load((source / CONFIG).read_text())
         if run_config["method"]["name"] == command:
             return Source(source.name, [], run_config)
         if ckpt is None:
@@ -79,13 +77,13 @@ def resolve_source(source: Path, command: str, recorded: dict[str, Any] | None =
         and checkpoint.checkpoints_root(parents[1]) == parents[0]
     ):
         run_dir, ckpt = parents[1], source
+        run_config = read_run_config(run_dir)
         problem = checkpoint.validate(ckpt)
         if problem:
             raise ConfigError(
                 f"checkpoint {ckpt} is not valid ({problem}); pass the run directory to take its "
                 f"newest valid checkpoint"
             )
-        run_config = yaml.safe_load((run_dir / CONFIG).read_text())
         if run_config["method"]["name"] == command:
             raise ConfigError(
                 f"{ckpt} is a checkpoint of a {command} run; pass the run directory {run_dir} "

@@ -111,6 +111,9 @@ class TrainConfig:
     wandb_entity: str | None = None  # None: the W&B account's default entity
     mlflow_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a file store RUN/../mlruns
     mlflow_experiment: str = "launch"
+    # A checkpoint whose random states cannot be restored stops the resume (it would not repeat the
+    # uninterrupted run). True: resume from it all the same, with a warning in the run's log.
+    allow_inexact_resume: bool = False
 
     def __post_init__(self) -> None:
         for key in (
@@ -447,6 +450,17 @@ class Trainer:
             return
         if restored:
             rng_file, why = path / f"{RNG_STATE_NAME}_*.pkl", "another rank's file could not be restored"
+        if self.cfg.train.allow_inexact_resume:
+            step = checkpoint.read_trainer_state(path)["step"]
+            log.warning(
+                "INEXACT RESUME from %s, as train.allow_inexact_resume asks: the random states of %s were not "
+                "restored (%s), so the losses from step %d on will not repeat an uninterrupted run's",
+                path,
+                rng_file,
+                why,
+                step,
+            )
+            return
         older = [p for p in checkpoint.list_checkpoints(self.run_dir) if p != path and checkpoint.validate(p) is None]
         fallback = (
             f"move {path} aside to resume exactly from {older[0]}"
@@ -455,7 +469,9 @@ class Trainer:
         )
         raise RunDirError(
             f"cannot restore the random states of {rng_file} ({why}); a resume without them would not repeat "
-            f"the uninterrupted run's losses. The file is damaged: {fallback}."
+            f"the uninterrupted run's losses. The file is damaged: {fallback}; or, to resume from it all the same "
+            f"(the losses will differ from an uninterrupted run's), run the same command with "
+            f"train.allow_inexact_resume=true."
         )
 
     def diverged(self, what: str) -> DivergedError:

@@ -22,6 +22,32 @@ def launch(command: str, *args: str | Path) -> int:
     return main([*shlex.split(command), *map(str, args)])
 
 
+def launch_as_another_user(*args: str | Path, env: dict[str, str] | None = None, uid: int = 65534):
+    """``launch ARGS...`` in a new process, as an unprivileged user when this one is root (who may write
+    anything): what a user sees of folders they cannot write. Returns the ``CompletedProcess``."""
+    import os
+    import subprocess
+    import sys
+
+    user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if os.geteuid() == 0 else []
+    code = "import sys; from launcher.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [*user, sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+        env=env if env is not None else {**os.environ, "HOME": "/nonexistent"},
+    )
+
+
+def readable_by_all(*paths: Path) -> None:
+    """Let every user read ``paths`` and all below them (and enter the folders), and write none of it."""
+    for path in paths:
+        for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+
+
 def make_image_folder(root: Path, num_classes: int = 3, per_class: int = 12, size: int = 40, seed: int = 0) -> Path:
     """An ImageNet-layout folder of random PNG/JPEG images: root/class_k/img_i.ext."""
     rng = np.random.default_rng(seed)

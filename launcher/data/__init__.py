@@ -22,6 +22,9 @@ from torch.utils.data import Dataset
 
 from launcher.errors import DataError
 
+# Every data set is read as RGB: image files are converted (a greyscale one too), the others are stored so.
+CHANNELS = 3
+
 # A base data set returns (PIL image, label tensor) for an index; one with a natural split
 # (LunarLander's episodes) has ``split(fraction) -> (first indices, second indices)``.
 BaseDataset = Dataset

@@ -125,13 +125,11 @@ def run_status(run_dir: Path) -> dict[str, Any]:
 
 def source_cost(run_dir: Path) -> dict[str, Any] | None:
     """The cost of the run a fine-tuning or probe run started from (its ``method.pretrained``), if known."""
-    from launcher.config import read_yaml
-    from launcher.runs import CONFIG
+    from launcher.runs import CONFIG, read_run_config
 
-    config = Path(run_dir) / CONFIG
-    if not config.is_file():
+    if not (Path(run_dir) / CONFIG).is_file():
         return None
-    pretrained = (read_yaml(config).get("method") or {}).get("pretrained")
+    pretrained = read_run_config(run_dir)["method"].get("pretrained")
     if not pretrained:
         return None
     source = Path(pretrained)

@@ -14,9 +14,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.slurm.profiles import ClusterProfile, SlurmError, commented_profile
+from launcher.slurm.profiles import ClusterProfile, SlurmError, commented_profile, home_dir, no_home
 
-DEFAULT_RUNS_DIR = "~/launch-runs"  # under $HOME: shared by every node on nearly every cluster
 UNLIMITED_MIN = 24 * 60  # the default --time of a partition without a time limit
 
 
@@ -159,6 +158,14 @@ def describe_cluster() -> ClusterDescription:
     return description
 
 
+def default_runs_dir() -> Path:
+    """``~/launch-runs``: the home folder is shared by every node on nearly every cluster."""
+    home = home_dir()
+    if home is None:
+        raise no_home("name a folder for the runs, on a filesystem every node shares: --runs-dir DIR")
+    return home / "launch-runs"
+
+
 def profile_from(
     description: ClusterDescription, partition: str | None = None, runs_dir: str | None = None
 ) -> ClusterProfile:
@@ -177,7 +184,7 @@ def profile_from(
         raise SlurmError(f"partition {chosen.name!r} has no nodes SLURM reports; pass --partition")
     gpus = min(n.gpus for n in nodes)
     cpus = min(n.cpus for n in nodes)
-    runs = str(Path(runs_dir or DEFAULT_RUNS_DIR).expanduser().resolve())
+    runs = str((Path(runs_dir).expanduser() if runs_dir else default_runs_dir()).resolve())
     time_min = chosen.max_time_min or UNLIMITED_MIN
     return ClusterProfile(
         partition=chosen.name,

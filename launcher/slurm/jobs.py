@@ -152,12 +152,11 @@ class TrainingJob:
 
     def work(self, run_dir: Path, stop: StopRequest) -> Progress:
         """Train the run of ``run_dir`` from its newest checkpoint until it ends or ``stop`` is requested."""
-        from launcher.config import read_yaml
         from launcher.experiment import experiment_from_dict
-        from launcher.runs import CONFIG
+        from launcher.runs import read_run_config
         from launcher.trainer import Trainer
 
-        self.trainer = Trainer(experiment_from_dict(read_yaml(run_dir / CONFIG)), run_dir, stop)
+        self.trainer = Trainer(experiment_from_dict(read_run_config(run_dir)), run_dir, stop)
         self.trainer.resume()
         result = self.trainer.fit()
         self.trainer.accelerator.wait_for_everyone()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,9 +115,55 @@ def check_shared(path: Path, what: str) -> None:
             )
 
 
+def home_dir() -> Path | None:
+    """What ``~`` is: ``$HOME``, else this user's entry in the password database; None without an absolute one.
+
+    An empty or relative ``HOME`` would put profiles under the working directory (and ``~/x`` at ``/x``).
+    """
+    home = os.environ.get("HOME")
+    if home is None:
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            return None
+    return Path(home) if os.path.isabs(home) else None
+
+
+def no_home(fix: str) -> ConfigError:
+    """The error for a default under ``~`` when ``home_dir()`` is None; ``fix`` says what to pass instead."""
+    home = os.environ.get("HOME")
+    state = (
+        "unset, and this user has none in the password database" if home is None else f"{home!r}, not an absolute path"
+    )
+    return ConfigError(f"no home directory: HOME is {state}. Set HOME to your home folder, or {fix}")
+
+
+PROFILES_UNDER_HOME = Path(".config") / "launch" / "clusters"
+
+
 def user_profile_dir() -> Path:
     """Where profiles of one's own go: ``$LAUNCH_CLUSTERS``, else ``~/.config/launch/clusters``."""
-    return Path(os.environ.get("LAUNCH_CLUSTERS") or Path.home() / ".config" / "launch" / "clusters")
+    if os.environ.get("LAUNCH_CLUSTERS"):
+        return Path(os.environ["LAUNCH_CLUSTERS"])
+    home = home_dir()
+    if home is None:
+        raise no_home("set LAUNCH_CLUSTERS to a folder for your cluster profiles")
+    return home / PROFILES_UNDER_HOME
+
+
+def profile_path_to_write(name: str) -> Path:
+    """Where ``launch cluster init NAME`` writes; a bad name or a folder this user cannot write is refused
+    before SLURM is asked anything."""
+    check_profile_name(name)
+    path = user_profile_dir() / f"{name}.yaml"
+    nearest = next(p for p in path.parents if p.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        why = "is not writable by this user" if nearest.is_dir() else "is a file, not a folder"
+        raise ConfigError(
+            f"cannot write the profile {path}: {nearest} {why}. Set LAUNCH_CLUSTERS to a folder you can write "
+            f"(profiles there are found first) and run `launch cluster init {name}` again"
+        )
+    return path
 
 
 def check_profile_name(name: str) -> None:
@@ -133,7 +180,8 @@ def profile_dirs() -> list[Path]:
     from launcher.shipped import clusters_dir
 
     dirs = [Path(os.environ["LAUNCH_CLUSTERS"])] if os.environ.get("LAUNCH_CLUSTERS") else []
-    return [*dirs, Path.home() / ".config" / "launch" / "clusters", clusters_dir()]
+    home = home_dir()  # without one, only $LAUNCH_CLUSTERS and the shipped profiles
+    return [*dirs, *([home / PROFILES_UNDER_HOME] if home is not None else []), clusters_dir()]
 
 
 def profile_names(user_only: bool = False) -> list[str]:

@@ -252,15 +252,14 @@ class ResumeWork(TrainingWork):
     """``launch resume RUN``: the run's recorded config, profile and resources, submitted again."""
 
     def __init__(self, run_dir: Path, max_requeues: int | None) -> None:
-        from launcher.config import read_yaml
         from launcher.experiment import experiment_from_dict
-        from launcher.runs import CONFIG
+        from launcher.runs import CONFIG, read_run_config
 
         run_dir = Path(run_dir).resolve()
         self.record = read_launch(run_dir)
         if not (run_dir / CONFIG).is_file():
             raise RunDirError(f"{run_dir} has no {CONFIG}; nothing to resume")
-        super().__init__(experiment_from_dict(read_yaml(run_dir / CONFIG)), run_dir / CONFIG, run_dir, run_dir.name)
+        super().__init__(experiment_from_dict(read_run_config(run_dir)), run_dir / CONFIG, run_dir, run_dir.name)
         self.max_requeues = self.record.get("max_requeues", 10) if max_requeues is None else max_requeues
 
     def resources(self, request: Request) -> tuple[ClusterProfile, Resources]:

@@ -122,7 +122,7 @@ def test_the_checker_finds_commands_and_refuses_what_launch_does_not_have() -> N
         assert command_problem(variants(line)[0]) is None, line
     assert "no flag --nodez" in command_problem("pretrain pcae --nodez 4".split())
     assert "no command 'pretrian'" in command_problem("pretrian pcae".split())
-    assert "needs one of lunarlander, check" in command_problem(["data"])
+    assert "needs one of lunarlander, shard, check" in command_problem(["data"])
     assert "not 'ae-loss'" in command_problem("tune ae-loss".split())
 
 

@@ -108,3 +108,24 @@ def test_the_demo_and_study_files_load() -> None:
     for path in sorted((EXPERIMENTS_DIR / "study").glob("*.yaml")):
         study = load_study(path)
         assert len(study.seeds) >= 3 and study.fractions[-1] == 1.0
+
+
+def test_a_method_that_is_not_rgb_is_refused_before_the_run_directory(tmp_path: Path, capsys) -> None:
+    from tests.helpers import launch, make_image_folder, tiny_experiment, write_yaml
+
+    experiment = write_yaml(tmp_path / "mae.yaml", tiny_experiment("mae", make_image_folder(tmp_path / "images")))
+    assert launch(f"pretrain mae --experiment {experiment} --run-dir {tmp_path / 'run'} method.in_chans=1") == 2
+    err = capsys.readouterr().err
+    assert "method.in_chans is 1, but every data set is read as RGB images (3 channels" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["pcae", "finetune", "linprobe", "ae_iipw"])
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_every_method_reads_three_channels(tmp_path: Path, method: str, in_chans: int) -> None:
+    from tests.helpers import tiny_experiment
+
+    raw = tiny_experiment(method, tmp_path)
+    raw["method"]["in_chans"] = in_chans
+    with pytest.raises(ConfigError, match=f"method.in_chans is {in_chans}, but every data set is read as RGB"):
+        experiment_from_dict(raw)

@@ -173,3 +173,26 @@ def test_bad_exports_exit_2_and_write_nothing(runs, tmp_path: Path, capsys, case
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     if case == "exists":
         assert out.read_text() == "precious"
+
+
+def test_an_export_under_a_file_exits_2_and_writes_nothing(runs, tmp_path: Path, capsys) -> None:
+    (tmp_path / "afile").write_text("precious")
+    assert launch(f"export {runs['mae']} --out {tmp_path / 'afile' / 'e.safetensors'}") == 2
+    err = capsys.readouterr().err
+    assert f"cannot write --out {tmp_path / 'afile' / 'e.safetensors'}: {tmp_path / 'afile'} is a file" in err
+    assert "Traceback" not in err and [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+@pytest.mark.parametrize("out", ["ro/e.safetensors", "ro/new/e.safetensors"])
+def test_an_export_into_a_folder_this_user_cannot_write_exits_2(runs, shared_tmp: Path, out: str) -> None:
+    import shutil
+
+    from tests.helpers import launch_as_another_user, readable_by_all
+
+    shutil.copytree(runs["mae"], shared_tmp / "run")
+    (shared_tmp / "ro").mkdir()
+    readable_by_all(shared_tmp)
+    result = launch_as_another_user("export", shared_tmp / "run", "--out", shared_tmp / out)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write --out {shared_tmp / out}: {shared_tmp / 'ro'} is not writable by this user" in result.stderr
+    assert "Traceback" not in result.stderr and list((shared_tmp / "ro").iterdir()) == []

@@ -219,7 +219,8 @@ def test_the_advice_after_a_diverged_run_resumes_it_and_records_the_change(
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["blr"] == 1e-3
     # Anything else still belongs to another config.
     assert launch(f"{command} optim.blr=1e-3 optim.clip_grad=1.0 train.seed=1") == 2
-    assert "only optim.blr, optim.min_lr, optim.clip_grad, train.mixed_precision may change" in capsys.readouterr().err
+    changeable = "optim.blr, optim.min_lr, optim.clip_grad, train.mixed_precision, train.allow_inexact_resume"
+    assert f"only {changeable} may change" in capsys.readouterr().err
 
 
 def _damage_random_states(path: Path) -> None:
@@ -246,6 +247,33 @@ def test_a_resume_whose_random_states_do_not_load_stops_naming_the_file(image_fo
     # Moved aside as told, the run resumes exactly from the older checkpoint.
     newest.rename(tmp_path / "aside")
     assert Trainer(cfg, run).resume()
+
+
+def test_an_inexact_resume_is_what_the_user_asks_for_and_is_logged_loudly(
+    image_folder: Path, tmp_path: Path, capsys
+) -> None:
+    import yaml
+
+    from tests.helpers import launch, write_yaml
+
+    cfg = tiny_experiment("mae", image_folder, train={"checkpoint_every": 2})
+    run = tmp_path / "run"
+    Trainer(experiment_from_dict(cfg), run).fit(until_step=4)
+    newest = checkpoint.list_checkpoints(run)[0]
+    _damage_random_states(newest)
+    command = f"pretrain mae --experiment {write_yaml(tmp_path / 'mae.yaml', cfg)} --run-dir {run}"
+    assert launch(command) == 2
+    err = capsys.readouterr().err
+    assert "cannot restore the random states" in err and "train.allow_inexact_resume=true" in err
+    assert launch(f"{command} train.allow_inexact_resume=true") == 0
+    err = capsys.readouterr().err
+    assert f"WARNING launcher.trainer: INEXACT RESUME from {newest}" in err
+    assert "the losses from step 4 on will not repeat an uninterrupted run's" in err
+    assert read_metrics(run)[-1]["step"] == 8  # trained to its end
+    history = yaml.safe_load((run / "config_history.yaml").read_text())
+    assert history[0]["step"] == 4
+    assert history[0]["changes"] == {"train.allow_inexact_resume": {"from": False, "to": True}}
+    assert "INEXACT RESUME" in (run / "logs" / "rank_0.log").read_text()  # kept with the run
 
 
 def test_learning_rate_schedule() -> None:

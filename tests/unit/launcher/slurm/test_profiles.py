@@ -152,3 +152,60 @@ def test_cluster_init_refuses_a_name_that_is_not_one_file_of_the_profile_folder(
     assert launch("cluster init", name) == 2
     assert "must be letters, digits" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cluster_init_without_a_home_names_home_and_launch_clusters(tmp_path: Path) -> None:
+    import os
+
+    from tests.helpers import launch_as_another_user
+
+    if os.geteuid() != 0:
+        pytest.skip("a user without a home in the password database needs root to become")
+    # HOME unset and uid 54321 in no password database: Python cannot tell where ~ is.
+    result = launch_as_another_user("cluster", "init", "mine", env={"PATH": "/usr/bin:/bin"}, uid=54321)
+    assert result.returncode == 2, result.stderr
+    assert "no home directory: HOME is unset, and this user has none in the password database" in result.stderr
+    assert "LAUNCH_CLUSTERS" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("launch_clusters", [False, True])
+def test_cluster_init_with_an_empty_home_writes_nothing_relative_to_here(
+    tmp_path: Path, monkeypatch, capsys, launch_clusters: bool
+) -> None:
+    # HOME="" made ~ the working directory's "" and the default runs_dir /launch-runs.
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.chdir(tmp_path)
+    if launch_clusters:
+        monkeypatch.setenv("LAUNCH_CLUSTERS", str(tmp_path / "profiles"))
+    else:
+        monkeypatch.delenv("LAUNCH_CLUSTERS", raising=False)
+    assert launch("cluster init mine") == 2
+    err = capsys.readouterr().err
+    assert "no home directory: HOME is '', not an absolute path" in err
+    assert ("--runs-dir" if launch_clusters else "LAUNCH_CLUSTERS") in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("read_only", ["LAUNCH_CLUSTERS", "HOME"])
+def test_cluster_init_into_a_folder_this_user_cannot_write_asks_slurm_nothing(shared_tmp: Path, read_only: str) -> None:
+    import os
+
+    from tests.helpers import launch_as_another_user
+
+    shared_tmp.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(shared_tmp), "LAUNCH_CLUSTERS": str(shared_tmp / "profiles")}
+    if read_only == "HOME":
+        del env["LAUNCH_CLUSTERS"]
+    else:
+        (shared_tmp / "profiles").mkdir(mode=0o755)
+    if os.geteuid() != 0:  # root runs it as nobody; anyone else, in folders made read-only
+        for folder in (shared_tmp, *shared_tmp.iterdir()):
+            folder.chmod(0o555)
+    result = launch_as_another_user("cluster", "init", "mine", env=env)
+    folder = shared_tmp / "profiles" if read_only == "LAUNCH_CLUSTERS" else shared_tmp / ".config/launch/clusters"
+    nearest = shared_tmp / "profiles" if read_only == "LAUNCH_CLUSTERS" else shared_tmp
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write the profile {folder / 'mine.yaml'}: {nearest} is not writable by this user" in result.stderr
+    assert "Set LAUNCH_CLUSTERS to a folder you can write" in result.stderr and "Traceback" not in result.stderr
+    assert "sinfo" not in result.stderr and "scontrol" not in result.stderr  # refused before SLURM is asked
+    assert sorted(p.name for p in shared_tmp.iterdir()) == (["profiles"] if read_only == "LAUNCH_CLUSTERS" else [])
