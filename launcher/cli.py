@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser("study", help="contenders (PCAE vs MAE, ablations) at equal cost: probe quality")
     study.add_argument(
         "study",
-        choices=["pcae-vs-mae", "compare"],
-        help="pcae-vs-mae: the shipped PCAE-vs-MAE study; compare: the contenders of --experiment",
+        choices=["pcae-vs-mae", "compare", "probe-check"],
+        help="pcae-vs-mae: the shipped PCAE-vs-MAE study; compare: the contenders of --experiment; "
+        "probe-check: can the demo's probe see the lander's state (random init, pixels, a known readout)",
     )
     study.add_argument(
         "--experiment", help="study file or shipped name (default for pcae-vs-mae: study/pcae_vs_mae_local)"
@@ -738,6 +739,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def probe_check(args: argparse.Namespace) -> int:
+    """``launch study probe-check``: the demo's probe on inputs whose answer is known."""
+    from launcher.data import prepare
+    from launcher.demo import load_demo
+    from launcher.experiment import load_experiment
+    from launcher.shipped import shipped_experiment
+    from launcher.studies.probe_check import probe_check as check
+
+    demo = load_demo()
+    method = load_experiment(shipped_experiment("pretrain/pcae_local")).method
+    prepare(demo.probe.data, method.img_size)
+    from launcher.studies.pcae_vs_mae import parse_seeds
+
+    for seed in parse_seeds(args.seeds) if args.seeds else (0,):
+        check(demo.probe, method, seed, sys.stdout)
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -745,6 +764,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from launcher.studies import pcae_vs_mae
 
     check_placement(args)
+    if args.study == "probe-check":
+        return probe_check(args)
     if args.study == "compare" and not args.experiment:
         raise ConfigError(
             "launch study compare needs --experiment: a study file naming its contenders "
