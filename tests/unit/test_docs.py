@@ -77,6 +77,12 @@ def variants(line: str) -> list[list[str]]:
     return [list(choice) for choice in itertools.product(*(w.split("|") for w in words))]
 
 
+def answers_alone(parser: argparse.ArgumentParser) -> set[str]:
+    """The flags that answer without a subcommand (``launch --version``, ``--help``)."""
+    alone = (argparse._VersionAction, argparse._HelpAction)
+    return {s for a in parser._actions if isinstance(a, alone) for s in a.option_strings}
+
+
 def command_problem(words: list[str]) -> str | None:
     """What in ``launch WORDS`` the command line does not have (help-level: subcommands and flags), or None."""
     parser = build_parser()
@@ -85,6 +91,8 @@ def command_problem(words: list[str]) -> str | None:
         commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         if not commands:
             break
+        if words[:1] and words[0] in answers_alone(parser):
+            return None
         if not words or words[0].startswith("-"):
             return f"`{parser.prog}` needs one of {', '.join(commands[0].choices)}"
         name = words.pop(0)
@@ -123,6 +131,8 @@ def test_the_checker_finds_commands_and_refuses_what_launch_does_not_have() -> N
     assert "no flag --nodez" in command_problem("pretrain pcae --nodez 4".split())
     assert "no command 'pretrian'" in command_problem("pretrian pcae".split())
     assert "needs one of lunarlander, shard, check" in command_problem(["data"])
+    assert command_problem(["--version"]) is None and command_problem(["status", "--help"]) is None
+    assert "needs one of" in command_problem(["--verison"])
     assert "not 'ae-loss'" in command_problem("tune ae-loss".split())
 
 
@@ -286,3 +296,4 @@ def repo_paths(text: str) -> list[str]:
 def test_every_repository_path_the_docs_name_exists(path: Path) -> None:
     missing = [p for p in repo_paths(split_fences(path.read_text())[0]) if not (REPO / p).exists()]
     assert not missing, f"{path.name} names paths that do not exist: {', '.join(missing)}"
+
