@@ -5,6 +5,7 @@ Conventions these tests hold the docs to (README.md, docs/*.md, slurm/README.md)
 
 - every ``launch ...`` command line, in a code block or in backticks, names subcommands and flags
   that ``launch`` has (``[--flag X]`` is an optional part, ``a|b`` alternatives, ``...`` elided);
+- README.md stays under 200 lines: a guide, its long reports in docs/;
 - every figure (a Markdown table or image) of README.md and docs/*.md names the command that
   produced it: the paragraph just above it (tables and images in between skipped) holds that
   command in backticks, ``launch ...``;
@@ -297,3 +298,17 @@ def test_every_repository_path_the_docs_name_exists(path: Path) -> None:
     missing = [p for p in repo_paths(split_fences(path.read_text())[0]) if not (REPO / p).exists()]
     assert not missing, f"{path.name} names paths that do not exist: {', '.join(missing)}"
 
+
+# ----------------------------------------------------------------------------- the README's size
+
+
+README_MAX_LINES = 200
+
+
+def test_the_readme_stays_a_short_guide() -> None:
+    """The README is a user's guide; long measured reports belong in docs/, linked from it."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) < README_MAX_LINES, (
+        f"README.md has {len(lines)} lines; keep it under {README_MAX_LINES} by moving a long report or "
+        "reference section into docs/ (one file per subject) and linking it from 'Where the numbers are'"
+    )
