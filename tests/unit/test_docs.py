@@ -5,6 +5,7 @@ Conventions these tests hold the docs to (README.md, docs/*.md, slurm/README.md)
 
 - every ``launch ...`` command line, in a code block or in backticks, names subcommands and flags
   that ``launch`` has (``[--flag X]`` is an optional part, ``a|b`` alternatives, ``...`` elided);
+- README.md stays under 200 lines: a guide, its long reports in docs/;
 - every figure (a Markdown table or image) of README.md and docs/*.md names the command that
   produced it: the paragraph just above it (tables and images in between skipped) holds that
   command in backticks, ``launch ...``;
@@ -77,6 +78,12 @@ def variants(line: str) -> list[list[str]]:
     return [list(choice) for choice in itertools.product(*(w.split("|") for w in words))]
 
 
+def answers_alone(parser: argparse.ArgumentParser) -> set[str]:
+    """The flags that answer without a subcommand (``launch --version``, ``--help``)."""
+    alone = (argparse._VersionAction, argparse._HelpAction)
+    return {s for a in parser._actions if isinstance(a, alone) for s in a.option_strings}
+
+
 def command_problem(words: list[str]) -> str | None:
     """What in ``launch WORDS`` the command line does not have (help-level: subcommands and flags), or None."""
     parser = build_parser()
@@ -85,6 +92,8 @@ def command_problem(words: list[str]) -> str | None:
         commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         if not commands:
             break
+        if words[:1] and words[0] in answers_alone(parser):
+            return None
         if not words or words[0].startswith("-"):
             return f"`{parser.prog}` needs one of {', '.join(commands[0].choices)}"
         name = words.pop(0)
@@ -123,6 +132,8 @@ def test_the_checker_finds_commands_and_refuses_what_launch_does_not_have() -> N
     assert "no flag --nodez" in command_problem("pretrain pcae --nodez 4".split())
     assert "no command 'pretrian'" in command_problem("pretrian pcae".split())
     assert "needs one of lunarlander, shard, check" in command_problem(["data"])
+    assert command_problem(["--version"]) is None and command_problem(["status", "--help"]) is None
+    assert "needs one of" in command_problem(["--verison"])
     assert "not 'ae-loss'" in command_problem("tune ae-loss".split())
 
 
@@ -286,3 +297,18 @@ def repo_paths(text: str) -> list[str]:
 def test_every_repository_path_the_docs_name_exists(path: Path) -> None:
     missing = [p for p in repo_paths(split_fences(path.read_text())[0]) if not (REPO / p).exists()]
     assert not missing, f"{path.name} names paths that do not exist: {', '.join(missing)}"
+
+
+# ----------------------------------------------------------------------------- the README's size
+
+
+README_MAX_LINES = 200
+
+
+def test_the_readme_stays_a_short_guide() -> None:
+    """The README is a user's guide; long measured reports belong in docs/, linked from it."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) < README_MAX_LINES, (
+        f"README.md has {len(lines)} lines; keep it under {README_MAX_LINES} by moving a long report or "
+        "reference section into docs/ (one file per subject) and linking it from 'Where the numbers are'"
+    )
