@@ -396,30 +396,8 @@ def print_problems(what: str, problems: list[str]) -> None:
         print(f"dry run only: {what} would refuse until these are fixed:\n{fix}", end="", file=sys.stderr)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from launcher.experiment import default_experiment, load_experiment
-    from launcher.shipped import find_experiment
-    from methods import UnknownMethodError, get_method
-
-    try:
-        get_method(args.method)
-    except UnknownMethodError as e:
-        raise ConfigError(str(e)) from None
-    check_placement(args)
-    experiment = (
-        find_experiment(args.experiment)
-        if args.experiment
-        else default_experiment("pretrain", args.method, local=not args.cluster)
-    )
-    cfg = load_experiment(experiment, args.overrides, method=args.method)
-    # The embedded default: the local experiment, then the demo's probes of what it learnt.
-    demo = args.experiment is None and not args.cluster
-    return launch_run(args, cfg, experiment, experiment.stem, demo=demo)
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """``launch sweep pretrain METHOD --grid ...``: checked whole, then one job array or one run at a time."""
-    from launcher import sweeps
+def pretrain_experiment(args: argparse.Namespace) -> Path:
+    """The experiment file of ``launch pretrain|sweep pretrain METHOD``, once the method and placement are checked."""
     from launcher.experiment import default_experiment
     from launcher.shipped import find_experiment
     from methods import UnknownMethodError, get_method
@@ -429,12 +407,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except UnknownMethodError as e:
         raise ConfigError(str(e)) from None
     check_placement(args)
+    if args.experiment:
+        return find_experiment(args.experiment)
+    return default_experiment("pretrain", args.method, local=not args.cluster)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from launcher.experiment import load_experiment
+
+    experiment = pretrain_experiment(args)
+    cfg = load_experiment(experiment, args.overrides, method=args.method)
+    # The embedded default: the local experiment, then the demo's probes of what it learnt.
+    demo = args.experiment is None and not args.cluster
+    return launch_run(args, cfg, experiment, experiment.stem, demo=demo)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``launch sweep pretrain METHOD --grid ...``: checked whole, then one job array or one run at a time."""
+    from launcher import sweeps
+
+    experiment = pretrain_experiment(args)
     grid = sweeps.parse_grid(args.grid, args.max_points)
-    experiment = (
-        find_experiment(args.experiment)
-        if args.experiment
-        else default_experiment("pretrain", args.method, local=not args.cluster)
-    )
     sweep = sweeps.Sweep(args.method, str(experiment), list(args.overrides), grid)
     if args.cluster:
         from launcher.slurm.submit import SweepArrayWork
