@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     lunar.add_argument("--agent", choices=["random", "heuristic", "mixed"], default="random")
     lunar.add_argument("--workers", type=int, default=2, help="worker processes")
     lunar.add_argument("--seed", type=int, default=0)
+    lunar.add_argument("--max-episode-steps", type=int, help="cut each episode after this many steps")
+    lunar.add_argument("--frame-stride", type=int, default=1, help="keep every Nth step of an episode (default 1)")
     shard = data_kinds.add_parser("shard", help="write an image folder as WebDataset tar shards with one index")
     shard.add_argument("src", type=Path, help="an ImageNet-layout folder (one sub-directory per class)")
     shard.add_argument("--out", type=Path, required=True, help="folder of the shards (new, or a conversion to resume)")
@@ -578,7 +580,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     with signals_interrupt(STOP_SIGNALS):
         out = generate_lunarlander(
-            args.out, args.frames, size=args.size, agent=args.agent, num_workers=args.workers, seed=args.seed
+            args.out,
+            args.frames,
+            size=args.size,
+            agent=args.agent,
+            num_workers=args.workers,
+            seed=args.seed,
+            max_episode_steps=args.max_episode_steps,
+            frame_stride=args.frame_stride,
         )
     print(f"wrote {args.frames} frames to {out}")
     return 0

@@ -33,7 +33,7 @@ from launcher.scores import r2_score
 from methods.vit import grid_pool
 
 RIDGE_PENALTIES = tuple(10.0**k for k in range(-2, 7))
-READOUTS = ("tokens", "cells", "embed")
+READOUTS = ("moments", "tokens", "cells", "embed")
 
 
 @dataclass
@@ -45,9 +45,12 @@ class ProbeConfig:
     # The columns of the headline mean: what one frame shows (LunarLander: x, y, angle). A
     # velocity cannot be read from a single frame by any encoder; it is reported apart.
     headline: tuple[int, ...] = (0, 1, 4)
-    # What the ridge reads: "tokens", every patch token (it can say where a one-patch object is);
-    # "cells", the tokens averaged over grid x grid cells; "embed", the method's embed().
-    readout: str = "tokens"
+    # What the ridge reads. "moments": every patch token, averaged plain and weighted by its
+    # column and by its row (3 x the token width): one detector shared by every position, so a
+    # small object's presence, column and row are linear in it. "tokens": every patch token as
+    # its own features (kernel ridge; it needs many more episodes than features to generalise).
+    # "cells": the tokens averaged over grid x grid cells. "embed": the method's embed().
+    readout: str = "moments"
     grid: int = 2  # the cells of readout "cells"
     pixels: int = 32  # the raw-pixel baseline: the image resized to pixels x pixels
     num_folds: int = 5  # cross-validation over groups (episodes): every sample is scored once, held out
@@ -67,6 +70,7 @@ class ProbeConfig:
     def describe_readout(self) -> str:
         """How the probe reads an encoder, in words."""
         return {
+            "moments": "every patch token, averaged and weighted by its column and row",
             "tokens": "every patch token",
             "cells": f"patch tokens averaged over {self.grid}x{self.grid} cells",
             "embed": "the method's embedding",
@@ -186,6 +190,19 @@ class FoldRidge:
         return np.stack([fits[index[p]][:, c] for c, p in enumerate(penalties.tolist())], axis=1)
 
 
+def position_moments(tokens: torch.Tensor) -> torch.Tensor:
+    """Patch tokens ``[B, N, D]`` of a square grid -> ``[B, 3D]``: their mean, and their means weighted
+    by each patch's column and row (from -1 at the first to 1 at the last).
+
+    A linear map of these applies one detector ``w`` to every token and reads sum(w . token),
+    sum(column x w . token) and sum(row x w . token): where a small object is, if ``w`` finds it.
+    """
+    side = round(tokens.shape[1] ** 0.5)
+    row, column = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+    weights = torch.stack([torch.ones(side * side), column.flatten(), row.flatten()]).to(tokens)  # [3, N]
+    return torch.einsum("kn,bnd->bkd", weights, tokens).flatten(1) / tokens.shape[1]
+
+
 def cross_validated_probe(x: np.ndarray, y: np.ndarray, folds: list[np.ndarray]) -> np.ndarray:
     """R² per column of ``y`` of every sample predicted by a probe that never saw its fold.
 
@@ -243,6 +260,8 @@ class ProbeSet:
             return model.embed
         if self.cfg.readout == "tokens":
             return lambda images: tokens(images).flatten(1)
+        if self.cfg.readout == "moments":
+            return lambda images: position_moments(tokens(images))
         grid = self.cfg.grid
 
         def cells(images: torch.Tensor) -> torch.Tensor:

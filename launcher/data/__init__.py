@@ -66,6 +66,9 @@ class DataConfig:
     generate_seed: int = 0
     generate_agent: Literal["random", "heuristic", "mixed"] = "random"
     generate_max_episode_steps: int = 0
+    # Keep every generate_frame_stride-th step of each episode (only those are rendered): a probe
+    # set of many episodes, a few glimpses each, for the price of few long ones.
+    generate_frame_stride: int = 1
     # Unreadable samples (a truncated or mislabelled image file) are replaced by another sample
     # drawn from (seed, epoch, index) and counted; more than this many in a run stop it.
     max_bad_samples: int = 100
@@ -90,6 +93,10 @@ class DataConfig:
                 f"data.augment={self.augment} needs data.decode=full"
             )
         counts = (self.num_workers, self.generate_frames, self.generate_seed, self.generate_max_episode_steps)
+        if self.generate_frame_stride < 1:
+            raise ValueError(
+                f"data.generate_frame_stride must be >= 1 (1: every step), got {self.generate_frame_stride}"
+            )
         if min(*counts, self.max_bad_samples) < 0:
             raise ValueError(
                 "data.num_workers, data.generate_frames, data.generate_seed, data.generate_max_episode_steps and "

@@ -151,6 +151,7 @@ class _Episode:
     episode: int
     frames: np.ndarray
     states: np.ndarray
+    steps: np.ndarray  # the step of the episode each frame shows
 
 
 @dataclass
@@ -162,6 +163,7 @@ class _Runner:
     size: int
     seed: int
     stop: EventType | None = None  # set by the parent once no running episode can be needed
+    frame_stride: int = 1  # keep (render) every frame_stride-th step of an episode
 
     @classmethod
     def create(
@@ -171,29 +173,38 @@ class _Runner:
         seed: int,
         max_episode_steps: int | None,
         stop: EventType | None = None,
+        frame_stride: int = 1,
     ) -> _Runner:
         """Make a headless rgb_array environment (imports gymnasium lazily: it is slow to load)."""
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
         import gymnasium as gym
 
         env = gym.make(ENV_ID, render_mode="rgb_array", max_episode_steps=max_episode_steps)
-        return cls(env=env, agent=agent, size=size, seed=seed, stop=stop)
+        return cls(env=env, agent=agent, size=size, seed=seed, stop=stop, frame_stride=frame_stride)
 
 
 def _run_episode(runner: _Runner, episode: int, max_frames: int) -> _Episode:
-    """Play one seeded episode, keeping at most `max_frames` of its (frame, state) pairs."""
+    """Play one seeded episode, keeping at most `max_frames` of its (frame, state) pairs.
+
+    Only every ``runner.frame_stride``-th step is rendered and kept (rendering is what costs):
+    a set of many short glimpses of many episodes costs what a set of few long ones does. The
+    states are those of every step; the engine's flame looks a little longer in a strided set,
+    since gymnasium ages its particles only when a frame is drawn.
+    """
     from gymnasium.envs.box2d.lunar_lander import heuristic
 
     env = runner.env
     env_seed, action_seed = episode_seeds(runner.seed, episode)
     obs, _ = env.reset(seed=env_seed)
     env.action_space.seed(action_seed)
-    frames, states = [], []
-    done = False
+    frames, states, steps = [], [], []
+    done, step = False, 0
     while True:
         # Render before the next step, so the frame shows the instant `obs` describes.
-        frames.append(resize_frame(env.render(), runner.size))
-        states.append(obs)
+        if step % runner.frame_stride == 0:
+            frames.append(resize_frame(env.render(), runner.size))
+            states.append(obs)
+            steps.append(step)
         if done or len(frames) >= max_frames:
             break
         if runner.stop is not None and runner.stop.is_set():
@@ -202,7 +213,8 @@ def _run_episode(runner: _Runner, episode: int, max_frames: int) -> _Episode:
         action = heuristic(env, obs) if piloted else env.action_space.sample()
         obs, _, terminated, truncated, _ = env.step(action)
         done = terminated or truncated
-    return _Episode(episode, np.stack(frames), np.asarray(states, dtype=np.float32))
+        step += 1
+    return _Episode(episode, np.stack(frames), np.asarray(states, dtype=np.float32), np.asarray(steps, np.int32))
 
 
 _worker_runner: _Runner | None = None
@@ -226,13 +238,15 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _init_worker(agent: str, size: int, seed: int, max_episode_steps: int | None, stop: EventType) -> None:
+def _init_worker(
+    agent: str, size: int, seed: int, max_episode_steps: int | None, stop: EventType, frame_stride: int
+) -> None:
     """Worker initializer: one environment per worker process, reused across episodes."""
     global _worker_runner
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-    _worker_runner = _Runner.create(agent, size, seed, max_episode_steps, stop)
+    _worker_runner = _Runner.create(agent, size, seed, max_episode_steps, stop, frame_stride)
 
 
 def _run_episode_in_worker(episode: int, max_frames: int) -> _Episode:
@@ -273,7 +287,7 @@ def _write_episode(arrays: dict[str, np.ndarray], offset: int, result: _Episode)
     arrays["frames"][rows] = result.frames[:n]
     arrays["states"][rows] = result.states[:n]
     arrays["episodes"][rows] = result.episode
-    arrays["steps"][rows] = np.arange(n, dtype=np.int32)
+    arrays["steps"][rows] = result.steps[:n]
     return n
 
 
@@ -343,6 +357,7 @@ def _generate_into(
     num_workers: int,
     seed: int,
     max_episode_steps: int | None,
+    frame_stride: int = 1,
 ) -> dict[str, Any]:
     """Write the arrays into `tmp` chunk by chunk; return the meta.json contents."""
     arrays: dict[str, np.ndarray] = {}
@@ -352,7 +367,7 @@ def _generate_into(
         _reserve(tmp / f"{name}.npy", num_frames, size)
 
     if num_workers == 1:
-        runner = _Runner.create(agent, size, seed, max_episode_steps)
+        runner = _Runner.create(agent, size, seed, max_episode_steps, frame_stride=frame_stride)
 
         def submit_here(episode: int, max_frames: int) -> Callable[[], _Episode]:
             result = _run_episode(runner, episode, max_frames)
@@ -370,7 +385,7 @@ def _generate_into(
             num_workers,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(agent, size, seed, max_episode_steps, stop),
+            initargs=(agent, size, seed, max_episode_steps, stop, frame_stride),
         )
 
         def submit_to_pool(episode: int, max_frames: int) -> Callable[[], _Episode]:
@@ -401,6 +416,7 @@ def _generate_into(
         "seed": seed,
         "num_workers": num_workers,
         "max_episode_steps": max_episode_steps,
+        "frame_stride": frame_stride,
         "state_fields": list(STATE_FIELDS),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -415,6 +431,7 @@ def generate_lunarlander(
     num_workers: int = 2,
     seed: int = 0,
     max_episode_steps: int | None = None,
+    frame_stride: int = 1,
 ) -> Path:
     """Generate a LunarLander frame data set in `out` and return `out`.
 
@@ -426,6 +443,8 @@ def generate_lunarlander(
     """
     out = Path(out)
     _check_generate_args(num_frames, size, agent, num_workers, seed, max_episode_steps)
+    if frame_stride < 1:
+        raise ConfigError(f"frame_stride must be at least 1 (every step), got {frame_stride}.")
     _check_out_free(out)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # innermost first
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -451,7 +470,7 @@ def generate_lunarlander(
     )
     start = time.perf_counter()
     try:
-        meta = _generate_into(tmp, num_frames, size, agent, num_workers, seed, max_episode_steps)
+        meta = _generate_into(tmp, num_frames, size, agent, num_workers, seed, max_episode_steps, frame_stride)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _check_out_free(out)  # someone may have written there while we were generating
         # Replaces an empty directory atomically; fails rather than merge into a non-empty one.
@@ -675,6 +694,7 @@ def prepare_lunarlander(cfg: DataConfig, img_size: int) -> None:
             num_workers=max(1, cfg.num_workers),
             seed=cfg.generate_seed,
             max_episode_steps=cfg.generate_max_episode_steps or None,
+            frame_stride=cfg.generate_frame_stride,
         )
 
 

@@ -413,3 +413,20 @@ def test_an_out_below_a_file_is_one_paragraph(tmp_path: Path, capsys) -> None:
     assert launch("data lunarlander --frames 3 --workers 1 --out", tmp_path / "FILE" / "x") == 2
     assert "cannot write the LunarLander set into" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_a_frame_stride_keeps_every_nth_step_of_the_same_episodes(tmp_path: Path) -> None:
+    every = generate_lunarlander(tmp_path / "every", 60, num_workers=1, seed=4, agent="random", max_episode_steps=30)
+    strided = generate_lunarlander(
+        tmp_path / "strided", 20, num_workers=1, seed=4, agent="random", max_episode_steps=30, frame_stride=3
+    )
+    full, sparse = LunarLanderFrames(every), LunarLanderFrames(strided)
+    assert json.loads((strided / "meta.json").read_text())["frame_stride"] == 3
+    first = np.flatnonzero(np.asarray(sparse.episodes) == 0)
+    assert np.asarray(sparse.steps)[first].tolist() == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30][: len(first)]
+    # The same seeded episode: the states at those steps are the full set's. The frames are too,
+    # but for the engine's flame: gymnasium ages its particles only when a frame is drawn.
+    same = np.flatnonzero(np.asarray(full.episodes) == 0)[::3][: len(first)]
+    np.testing.assert_array_equal(np.asarray(sparse.states)[first], np.asarray(full.states)[same])
+    differ = (np.asarray(sparse.frames)[first] != np.asarray(full.frames)[same]).any(axis=-1)
+    assert differ.mean() < 0.01
