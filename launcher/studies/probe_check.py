@@ -4,16 +4,18 @@ A probe that scores raw pixels and every encoder alike near zero measures nothin
 runs the demo's probe (``experiments/demo/local.yaml``: its probe set, folds and readout) on
 inputs whose answer is known, next to one another:
 
-- the encoder at its random initialisation (every patch token, as the demo reads it; and the
-  tokens averaged over 2 x 2 cells);
-- the raw pixels, through the same ridge;
+- the encoder at its random initialisation, through each readout (``moments``, the demo's:
+  every patch token averaged plain and weighted by its column and row; ``tokens``: every patch
+  token as its own features; ``cells``: tokens averaged over 2 x 2 cells);
+- the raw pixels, through the same ridge: every pixel, and the patches of pixels as tokens
+  through the ``moments`` readout;
 - one hand-made linear function of the pixels: the blue-minus-green "mass" of each column times
   the column's offset from the centre, summed. The lander is the only blue-violet thing on the
   screen, so this single number is close to its x; the probe fits it with one weight.
 
-If the one-number readout scores high and the ridge on every pixel scores near zero, a linear
+If the one-number readout scores high and a ridge on the pixels scores near zero, a linear
 readout of x exists and the probe fails to find it from the samples it has: the fault is the
-instrument's (its sample of episodes), not the features'.
+instrument's (its readout, or its sample of episodes), not the features'.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from launcher.probe import ProbeConfig, ProbeScore, ProbeSet, describe
+from methods.vit import patchify
 
 
 def column_moment(images: torch.Tensor) -> torch.Tensor:
@@ -40,17 +43,22 @@ def probe_check(probe_cfg: ProbeConfig, method_cfg, seed: int, out: TextIO) -> d
 
     unnormalised = dataclasses.replace(probe_cfg.data, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     probe = ProbeSet(probe_cfg, method_cfg.img_size)
-    cells = ProbeSet(dataclasses.replace(probe_cfg, readout="cells", grid=2), method_cfg.img_size)
+    other = {
+        readout: ProbeSet(dataclasses.replace(probe_cfg, readout=readout, grid=2), method_cfg.img_size)
+        for readout in ("moments", "tokens", "cells")
+    }
     raw = ProbeSet(dataclasses.replace(probe_cfg, data=unnormalised), method_cfg.img_size)
     torch.manual_seed(seed)
     encoder = build_method(method_cfg).eval()
     episodes = len(np.unique(probe.groups))
     out.write(f"probe set {probe_cfg.data.root}: {len(probe.indices)} frames of {episodes} episodes\n")
     scores = {
-        f"random init, {probe_cfg.describe_readout()}": probe.score(probe.encoder(encoder)),
-        "random init, 2x2 cells": cells.score(cells.encoder(encoder)),
-        f"raw pixels ({probe_cfg.pixels}x{probe_cfg.pixels})": probe.score_pixels(),
-        "one number: violet column moment": raw.score(column_moment),
+        f"random init, {other[r].cfg.describe_readout()}": other[r].score(other[r].encoder(encoder))
+        for r in ("moments", "tokens", "cells")
     }
+    patches = other["moments"].encoder(encoder, lambda images: patchify(images, method_cfg.patch_size))
+    scores[f"raw pixels ({probe_cfg.pixels}x{probe_cfg.pixels}), every pixel"] = probe.score_pixels()
+    scores["raw pixels, patches as tokens, averaged and weighted"] = other["moments"].score(patches)
+    scores["one number: violet column moment"] = raw.score(column_moment)
     out.write(describe(scores, probe.names, probe_cfg.headline) + "\n")
     return scores

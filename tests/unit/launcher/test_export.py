@@ -177,13 +177,13 @@ def test_bad_exports_exit_2_and_write_nothing(runs, tmp_path: Path, capsys, case
 
 def test_an_export_under_a_file_exits_2_and_writes_nothing(runs, tmp_path: Path, capsys) -> None:
     (tmp_path / "afile").write_text("precious")
-    assert launch(f"export {runs['mae']} --out {tmp_path / 'afile' / 'e.safetensors'}") == 2
+    assert launch(f"export {runs['mae']} --out {tmp_path / 'afile' / 'encoder'}") == 2
     err = capsys.readouterr().err
-    assert f"cannot write --out {tmp_path / 'afile' / 'e.safetensors'}: {tmp_path / 'afile'} is a file" in err
+    assert f"cannot write --out {tmp_path / 'afile' / 'encoder'}: {tmp_path / 'afile'} is a file" in err
     assert "Traceback" not in err and [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
-@pytest.mark.parametrize("out", ["ro/e.safetensors", "ro/new/e.safetensors"])
+@pytest.mark.parametrize("out", ["ro/encoder", "ro/new/encoder"])
 def test_an_export_into_a_folder_this_user_cannot_write_exits_2(runs, shared_tmp: Path, out: str) -> None:
     import shutil
 

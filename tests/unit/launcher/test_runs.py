@@ -35,7 +35,7 @@ DAMAGE = {
     "binary": (bytes(range(256)), "is not UTF-8 text"),
 }
 COMMANDS = {
-    "export": "export {run} --out {tmp}/e.safetensors",
+    "export": "export {run} --out {tmp}/encoder",
     "finetune": "finetune {run} --run-dir {tmp}/ft",
     "finetune --run-dir": "finetune {source} --run-dir {run}",
     "resume": "resume {run}",
