@@ -30,10 +30,11 @@ from launcher.data.lunarlander import on_screen_indices
 from launcher.data.transforms import build_transform
 from launcher.embeddings import Encode, embed_dataset
 from launcher.scores import r2_score
-from methods.vit import grid_pool
+from methods.vit import grid_pool, patchify
 
 RIDGE_PENALTIES = tuple(10.0**k for k in range(-2, 7))
 READOUTS = ("moments", "tokens", "cells", "embed")
+PIXEL_GRID = 8  # the raw-pixel baseline is read as this many patches a side
 
 
 @dataclass
@@ -64,8 +65,10 @@ class ProbeConfig:
             raise ValueError("probe.num_folds must be >= 3 (one held out, the penalty chosen on the others)")
         if self.readout not in READOUTS:
             raise ValueError(f"probe.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
-        if self.grid < 1 or self.pixels <= 0 or self.num_samples < 0:
-            raise ValueError("probe.grid and probe.pixels must be >= 1, probe.num_samples >= 0")
+        if self.grid < 1 or self.pixels % PIXEL_GRID or self.pixels <= 0 or self.num_samples < 0:
+            raise ValueError(
+                f"probe.grid must be >= 1, probe.pixels a positive multiple of {PIXEL_GRID}, probe.num_samples >= 0"
+            )
 
     def describe_readout(self) -> str:
         """How the probe reads an encoder, in words."""
@@ -277,13 +280,16 @@ class ProbeSet:
         return self._score(x, labels)
 
     def score_pixels(self) -> ProbeScore:
-        """The same probe on the raw pixels, resized to ``pixels`` x ``pixels``."""
+        """The same probe on the raw pixels, resized to ``pixels`` x ``pixels`` and read as an 8 x 8 grid
+        of patches (the readout's tokens; ``embed`` reads their mean)."""
         side = self.cfg.pixels
 
-        def pixels(images: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(images, size=(side, side), mode="area").flatten(1)
+        def patches(images: torch.Tensor) -> torch.Tensor:
+            return patchify(F.interpolate(images, size=(side, side), mode="area"), side // PIXEL_GRID)
 
-        return self.score(pixels)
+        if self.cfg.readout == "embed":
+            return self.score(lambda images: patches(images).mean(1))
+        return self.score(self.encoder(None, patches))
 
     def _score(self, x: np.ndarray, labels: np.ndarray) -> ProbeScore:
         y = labels.reshape(len(labels), -1)[:, list(self.cfg.targets)]

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from launcher.probe import ProbeConfig, ProbeScore, ProbeSet, describe
-from methods.vit import patchify
 
 
 def column_moment(images: torch.Tensor) -> torch.Tensor:
@@ -56,9 +55,9 @@ def probe_check(probe_cfg: ProbeConfig, method_cfg, seed: int, out: TextIO) -> d
         f"random init, {other[r].cfg.describe_readout()}": other[r].score(other[r].encoder(encoder))
         for r in ("moments", "tokens", "cells")
     }
-    patches = other["moments"].encoder(encoder, lambda images: patchify(images, method_cfg.patch_size))
-    scores[f"raw pixels ({probe_cfg.pixels}x{probe_cfg.pixels}), every pixel"] = probe.score_pixels()
-    scores["raw pixels, patches as tokens, averaged and weighted"] = other["moments"].score(patches)
+    side = f"{probe_cfg.pixels}x{probe_cfg.pixels}"
+    scores[f"raw pixels ({side}), every pixel"] = other["tokens"].score_pixels()
+    scores[f"raw pixels ({side}) as 8x8 patches, averaged and weighted"] = other["moments"].score_pixels()
     scores["one number: violet column moment"] = raw.score(column_moment)
     out.write(describe(scores, probe.names, probe_cfg.headline) + "\n")
     return scores
