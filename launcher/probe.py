@@ -30,7 +30,7 @@ from launcher.data.lunarlander import on_screen_indices
 from launcher.data.transforms import build_transform
 from launcher.embeddings import Encode, embed_dataset
 from launcher.scores import r2_score
-from methods.vit import grid_pool, patchify
+from methods.vit import grid_pool, patchify, position_moments
 
 RIDGE_PENALTIES = tuple(10.0**k for k in range(-2, 7))
 READOUTS = ("moments", "tokens", "cells", "embed")
@@ -193,17 +193,9 @@ class FoldRidge:
         return np.stack([fits[index[p]][:, c] for c, p in enumerate(penalties.tolist())], axis=1)
 
 
-def position_moments(tokens: torch.Tensor) -> torch.Tensor:
-    """Patch tokens ``[B, N, D]`` of a square grid -> ``[B, 3D]``: their mean, and their means weighted
-    by each patch's column and row (from -1 at the first to 1 at the last).
-
-    A linear map of these applies one detector ``w`` to every token and reads sum(w . token),
-    sum(column x w . token) and sum(row x w . token): where a small object is, if ``w`` finds it.
-    """
-    side = round(tokens.shape[1] ** 0.5)
-    row, column = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
-    weights = torch.stack([torch.ones(side * side), column.flatten(), row.flatten()]).to(tokens)  # [3, N]
-    return torch.einsum("kn,bnd->bkd", weights, tokens).flatten(1) / tokens.shape[1]
+def moments_of(tokens: torch.Tensor) -> torch.Tensor:
+    """``position_moments`` of a whole square grid of patch tokens ``[B, N, D]``."""
+    return position_moments(tokens, round(tokens.shape[1] ** 0.5))
 
 
 def cross_validated_probe(x: np.ndarray, y: np.ndarray, folds: list[np.ndarray]) -> np.ndarray:
@@ -264,7 +256,7 @@ class ProbeSet:
         if self.cfg.readout == "tokens":
             return lambda images: tokens(images).flatten(1)
         if self.cfg.readout == "moments":
-            return lambda images: position_moments(tokens(images))
+            return lambda images: moments_of(tokens(images))
         grid = self.cfg.grid
 
         def cells(images: torch.Tensor) -> torch.Tensor:

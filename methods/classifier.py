@@ -33,11 +33,11 @@ from methods.pretrained import EncoderChoice, PretrainedEncoder, load_pretrained
 from methods.registry import register_method
 from methods.seeding import seeded_host_rngs
 from methods.token_reduction import TokenReductionConfig
-from methods.vit import LayerNorm, ViTConfig, grid_pool
+from methods.vit import LayerNorm, ViTConfig, grid_pool, position_moments
 
 log = logging.getLogger(__name__)
 
-Pooling = Literal["avg", "cls", "grid"]
+Pooling = Literal["avg", "cls", "grid", "moments"]
 
 
 @dataclass(kw_only=True)
@@ -49,7 +49,10 @@ class ClassifierConfig(TokenReductionConfig, ViTConfig):
     Pooling: ``avg`` (patch-token mean + LayerNorm), ``cls`` (the normalised cls token), or
     ``grid`` (normalised patch tokens averaged over ``pool_grid`` x ``pool_grid`` cells,
     concatenated, which keeps where things are, e.g. for LunarLander's position; ``pool_grid: 0``
-    is one cell per patch, a head on every patch token).
+    is one cell per patch, a head on every patch token), or ``moments`` (the normalised patch
+    tokens' mean and their means weighted by column and by row: where a small object is stays
+    linear, and it reads the same whichever tokens token reduction kept, where a grid cell whose
+    tokens were all dropped reads zero).
     Token reduction (``TokenReductionConfig``) is off by default (keep ratio 1).
     """
 
@@ -152,7 +155,7 @@ class ViTClassifier(nn.Module):
         if cfg.pool == "avg":  # the mean patch token goes through fc_norm instead of the final norm (MAE)
             self.encoder.norm = nn.Identity()
         self.fc_norm = LayerNorm(width) if cfg.pool == "avg" else nn.Identity()
-        features = width * (cfg.pool_cells_side**2 if cfg.pool == "grid" else 1)
+        features = width * {"grid": cfg.pool_cells_side**2, "moments": 3}.get(cfg.pool, 1)
         linear = nn.Linear(features, cfg.num_outputs)
         nn.init.trunc_normal_(linear.weight, std=cfg.head_init_std)
         nn.init.zeros_(linear.bias)
@@ -258,6 +261,8 @@ class ViTClassifier(nn.Module):
         patches = x[:, enc.num_prefix_tokens :]
         if cfg.pool == "avg":
             return self.fc_norm(patches.mean(dim=1))
+        if cfg.pool == "moments":
+            return position_moments(patches, cfg.num_patches_side, ids)
         return grid_pool(patches, cfg.num_patches_side, cfg.pool_cells_side, ids)
 
     @property

@@ -135,6 +135,23 @@ def grid_pool(tokens: Tensor, side: int, grid: int, ids: Tensor | None = None) -
     return (sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)).flatten(1)
 
 
+def position_moments(tokens: Tensor, side: int, ids: Tensor | None = None) -> Tensor:
+    """Patch tokens of a ``side x side`` grid -> ``[B, 3D]``: their mean, and their means weighted by
+    each patch's column and by its row (from -1 at the first to 1 at the last).
+
+    ``tokens`` ``[B, n, D]`` are the whole grid in row-major order, or, when some were dropped
+    (token reduction), the tokens at patch ids ``ids`` ``[B, n]``. A linear map of these applies
+    one detector to every token and reads how much of it there is, and where: the position of a
+    small object stays linear, whichever tokens were kept.
+    """
+    B, n, D = tokens.shape
+    if ids is None:
+        ids = torch.arange(n, device=tokens.device).expand(B, -1)
+    coordinate = torch.linspace(-1, 1, side, device=tokens.device, dtype=tokens.dtype)
+    weights = torch.stack([torch.ones_like(ids, dtype=tokens.dtype), coordinate[ids % side], coordinate[ids // side]])
+    return torch.einsum("kbn,bnd->bkd", weights, tokens).flatten(1) / n
+
+
 # ----------------------------------------------------------------------------- modules
 
 

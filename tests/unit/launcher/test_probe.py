@@ -17,7 +17,7 @@ from launcher.probe import (
     describe,
     episode_folds,
     held_out_probe,
-    position_moments,
+    moments_of,
 )
 from methods.vit import grid_pool
 
@@ -70,7 +70,7 @@ def test_every_token_reads_where_a_one_patch_object_is_and_two_by_two_cells_do_n
     tokens, position = one_bright_patch(600, seed=0)
     folds = episode_folds(np.arange(600) // 10, 5)
     per_token = cross_validated_probe(tokens.flatten(1).numpy(), position, folds)
-    moments = cross_validated_probe(position_moments(tokens).numpy(), position, folds)
+    moments = cross_validated_probe(moments_of(tokens).numpy(), position, folds)
     cells = cross_validated_probe(grid_pool(tokens, side=8, grid=2).numpy(), position, folds)
     assert per_token.min() > 0.95 and moments.min() > 0.95
     assert cells.max() < 0.85  # a 2 x 2 grid knows the quadrant, not the patch
@@ -79,7 +79,7 @@ def test_every_token_reads_where_a_one_patch_object_is_and_two_by_two_cells_do_n
 def test_the_position_moments_are_the_mean_and_the_column_and_row_weighted_means() -> None:
     tokens = torch.zeros(1, 4, 2)
     tokens[0, 1] = torch.tensor([1.0, 2.0])  # row 0, column 1 of a 2 x 2 grid
-    assert position_moments(tokens).tolist() == [[0.25, 0.5, 0.25, 0.5, -0.25, -0.5]]
+    assert moments_of(tokens).tolist() == [[0.25, 0.5, 0.25, 0.5, -0.25, -0.5]]
 
 
 def test_a_held_out_test_set_is_scored_by_a_probe_fit_on_the_other_samples() -> None:

@@ -141,3 +141,22 @@ def test_pool_grid_0_is_one_cell_per_patch_at_any_image_size() -> None:
     torch.testing.assert_close(features, tokens[:, encoder.num_prefix_tokens :].flatten(1))
     with pytest.raises(ValueError, match="must divide the 4 patches per side"):
         ClassifierConfig(**TINY, pool="grid", pool_grid=3)
+
+
+def test_moments_pooling_reads_the_kept_tokens_with_their_positions() -> None:
+    images = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    model = build_method(ClassifierConfig(**TINY, num_classes=3, pool="moments")).eval()
+    encoder = model.encoder
+    with torch.no_grad():
+        features = model.features(images)
+        tokens = encoder.forward_tokens(encoder.prepend_cls(encoder.patch_embed(images)) + model.pos_embed)
+    patches = tokens[:, encoder.num_prefix_tokens :]  # 4 x 4 patches
+    column = torch.linspace(-1, 1, 4).repeat(4)
+    expected = torch.cat([patches.mean(1), (patches * column[:, None]).mean(1)], dim=1)
+    assert features.shape == (2, 3 * encoder.embed_dim) and model.head.in_features == 3 * encoder.embed_dim
+    torch.testing.assert_close(features[:, : 2 * encoder.embed_dim], expected)
+    torch.manual_seed(0)
+    reduced = build_method(ClassifierConfig(**TINY, num_classes=3, pool="moments", keep_ratio=0.5)).eval()
+    with torch.no_grad():
+        assert reduced.features(images).shape == features.shape  # the same head, whatever was dropped
