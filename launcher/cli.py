@@ -401,8 +401,8 @@ def print_problems(what: str, problems: list[str]) -> None:
 def pretrain_experiment(args: argparse.Namespace) -> Path:
     """The experiment file of ``launch pretrain|sweep pretrain METHOD``, once the method and placement are checked."""
     from launcher.experiment import default_experiment
+    from launcher.methods import UnknownMethodError, get_method
     from launcher.shipped import find_experiment
-    from methods import UnknownMethodError, get_method
 
     try:
         get_method(args.method)

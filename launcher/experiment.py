@@ -17,8 +17,8 @@ from launcher.config import build_dataclass, parse_override, read_yaml, set_dott
 from launcher.data import CHANNELS, DataConfig
 from launcher.errors import ConfigError
 from launcher.evaluate import EvalConfig
+from launcher.methods import MethodConfig, UnknownMethodError, get_method, method_names
 from launcher.trainer import OptimConfig, TrainConfig
-from methods import MethodConfig, UnknownMethodError, get_method, method_names
 
 
 @dataclass

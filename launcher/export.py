@@ -63,7 +63,7 @@ def timm_model(method: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The timm model name and the keyword arguments that build this encoder, every dimension given."""
     import timm
 
-    from methods.vit import vit_size
+    from launcher.methods.vit import vit_size
 
     size, patch, img = method["size"], method["patch_size"], method["img_size"]
     preset = vit_size(size)
@@ -83,8 +83,8 @@ def timm_model(method: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def timm_state_dict(state: dict[str, torch.Tensor], method: dict[str, Any], which: str) -> dict[str, torch.Tensor]:
     """The encoder of a checkpoint's state dict under timm's keys, with its position embedding."""
-    from methods.pretrained import extract_encoder
-    from methods.vit import sincos_pos_embed
+    from launcher.methods.pretrained import extract_encoder
+    from launcher.methods.vit import sincos_pos_embed
 
     try:
         encoder = extract_encoder(state, which)
@@ -118,7 +118,7 @@ def export(source: Path, out: Path, which: str = "student") -> Path:
     """Write the folder ``out`` (``model.safetensors`` and ``config.json``); refuses to overwrite it."""
     from safetensors.torch import save_file
 
-    from methods.pretrained import read_state_dict
+    from launcher.methods.pretrained import read_state_dict
 
     out = Path(out)
     if out.suffix in FILE_SUFFIXES:

@@ -29,8 +29,8 @@ from launcher.data import DataConfig, open_dataset
 from launcher.data.lunarlander import on_screen_indices
 from launcher.data.transforms import build_transform
 from launcher.embeddings import Encode, embed_dataset
+from launcher.methods.vit import grid_pool, patchify, position_moments
 from launcher.scores import r2_score
-from methods.vit import grid_pool, patchify, position_moments
 
 RIDGE_PENALTIES = tuple(10.0**k for k in range(-2, 7))
 READOUTS = ("moments", "tokens", "cells", "embed")

@@ -18,9 +18,9 @@ from launcher import checkpoint
 from launcher.errors import ConfigError
 from launcher.export import CONFIG_JSON as EXPORTED_CONFIG
 from launcher.export import WEIGHTS as EXPORTED_WEIGHTS
+from launcher.methods.pretrained import load_pretrained
+from launcher.methods.vit import VIT_SIZES, ViTConfig
 from launcher.runs import CONFIG, read_run_config
-from methods.pretrained import load_pretrained
-from methods.vit import VIT_SIZES, ViTConfig
 
 
 @dataclass

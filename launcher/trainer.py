@@ -37,6 +37,7 @@ from launcher.data.transforms import build_device_stage, build_transform
 from launcher.embeddings import FeatureCache
 from launcher.errors import ConfigError, DataError, RunDirError, UserError
 from launcher.evaluate import build_eval_loader, evaluate
+from launcher.methods import build_method
 from launcher.runs import (
     MetricsLog,
     last_evaluated_step,
@@ -49,7 +50,6 @@ from launcher.runs import (
 from launcher.stopping import StopRequest
 from launcher.tracking import Trackers, check_trackers, open_trackers
 from launcher.tracking import check_names as check_tracker_names
-from methods import build_method
 
 if TYPE_CHECKING:
     from launcher.experiment import ExperimentConfig

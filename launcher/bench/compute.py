@@ -26,9 +26,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from launcher.cpu_allocator import keep_freed_memory
+from launcher.methods import build_method, get_method
+from launcher.methods.autoencoders import PROCEDURES
 from launcher.trainer import OptimConfig, build_optimizer
-from methods import build_method, get_method
-from methods.autoencoders import PROCEDURES
 
 DEFAULT_BATCH = {"micro": 64, "tiny": 64, "small": 32, "base": 16, "large": 4, "huge": 2}
 
@@ -94,7 +94,7 @@ class MatmulPeak:
 
 def model_gemm_shapes(size: str, batch_size: int, img_size: int = 224, patch_size: int = 16) -> list[tuple]:
     """The largest matmuls of a ViT step at ``size``: all tokens of the batch through the MLP."""
-    from methods.vit import vit_size
+    from launcher.methods.vit import vit_size
 
     width = vit_size(size).embed_dim
     tokens = batch_size * (img_size // patch_size) ** 2
@@ -266,7 +266,7 @@ PAPER_TABLE5_GMACS = {0.0: 17.57, 0.1: 15.34, 0.2: 13.19, 0.3: 11.29, 0.4: 9.53}
 
 def bench_finetune(args: argparse.Namespace) -> int:
     """Inference of the fine-tuning ViT with PCAE's token reduction at several drop ratios."""
-    from methods.classifier import ClassifierConfig
+    from launcher.methods.classifier import ClassifierConfig
 
     device, autocast = describe_device()
     ratios = [float(r) for r in args.drop_ratios.split(",")]

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from launcher.methods import get_method
 from launcher.slurm import control
-from methods import get_method
 
 
 def slurm_bench_images(root: Path, num_images: int = 36, seed: int = 0) -> Path:

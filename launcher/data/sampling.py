@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from launcher.data import BadSample, BaseDataset
 from launcher.errors import DataError
-from methods.seeding import seeded_host_rngs
+from launcher.methods.seeding import seeded_host_rngs
 
 log = logging.getLogger(__name__)
 

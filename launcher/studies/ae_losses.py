@@ -28,8 +28,8 @@ from launcher.config import build_dataclass, read_yaml, to_dict
 from launcher.data import DataConfig, open_dataset, prepare
 from launcher.errors import ConfigError
 from launcher.experiment import ExperimentConfig
+from launcher.methods.autoencoders import PROCEDURES
 from launcher.trainer import OptimConfig, TrainConfig
-from methods.autoencoders import PROCEDURES
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def load_sweep(path: Path, only_dataset: str | None = None) -> SweepConfig:
 
 def trial_experiment(sweep: SweepConfig, trial: dict[str, Any]) -> ExperimentConfig:
     """The experiment one trial trains: the procedure at (z, γ, seed) on the data set's AE set."""
-    from methods import get_method
+    from launcher.methods import get_method
 
     spec = sweep.datasets[trial["dataset"]]
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from methods.autoencoders import PROCEDURES
+from launcher.methods.autoencoders import PROCEDURES
 
 
 def label(procedure: str) -> str:

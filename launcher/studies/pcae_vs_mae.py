@@ -108,7 +108,7 @@ class StudyConfig:
         share "random init"; one whose overrides change the encoder (its patch size, say) gets
         its own, named after what differs from the first contender's.
         """
-        from methods.vit import ViTConfig
+        from launcher.methods.vit import ViTConfig
 
         first = self.experiment_of(next(iter(self.contenders)), self.seeds[0]).method
         own = self.experiment_of(contender, self.seeds[0]).method
@@ -159,8 +159,8 @@ def calibrate(study: StudyConfig) -> dict[str, Any]:
     from launcher.data import open_dataset
     from launcher.data.sampling import SeededDataset, collate
     from launcher.data.transforms import build_transform
+    from launcher.methods import build_method
     from launcher.trainer import build_optimizer
-    from methods import build_method
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -263,8 +263,8 @@ class Study:
 
     def run(self, stop: StopRequest | None = None, say=lambda text: None) -> bool:
         """Every run and probe point not yet done; False if a stop request interrupted it."""
+        from launcher.methods import build_method
         from launcher.trainer import Trainer
-        from methods import build_method
 
         stop = stop or StopRequest()
         self.prepare_data()

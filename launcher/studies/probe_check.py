@@ -38,7 +38,7 @@ def column_moment(images: torch.Tensor) -> torch.Tensor:
 
 def probe_check(probe_cfg: ProbeConfig, method_cfg, seed: int, out: TextIO) -> dict[str, ProbeScore]:
     """The demo's probe on the random-init encoder, on raw pixels and on the one-number readout of x."""
-    from methods import build_method
+    from launcher.methods import build_method
 
     unnormalised = dataclasses.replace(probe_cfg.data, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     probe = ProbeSet(probe_cfg, method_cfg.img_size)

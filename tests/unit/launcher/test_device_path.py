@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from launcher.experiment import experiment_from_dict
+from launcher.methods import build_method, get_method
 from launcher.runs import read_metrics
 from launcher.trainer import Trainer
-from methods import build_method, get_method
 from tests.helpers import tiny_experiment
 
 CUDA = torch.cuda.is_available()

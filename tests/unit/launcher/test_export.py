@@ -42,7 +42,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def ours(run: Path, which: str) -> torch.nn.Module:
     from safetensors.torch import load_file
 
-    from methods import build_method
+    from launcher.methods import build_method
 
     cfg = experiment_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     model = build_method(cfg.method)
@@ -94,7 +94,7 @@ def test_the_readme_snippet_verbatim_builds_exactly_the_architecture_and_data_co
 ) -> None:
     """The snippet as printed, folder name included: depth, width, heads, patch, image size and the
     run's own mean/std (not timm's defaults for the name), in files the group may read."""
-    from methods.vit import vit_size
+    from launcher.methods.vit import vit_size
 
     snippet = readme_timm_snippet()
     folder = re.search(r'"local-dir:([^"]+)"', snippet).group(1)
@@ -145,7 +145,7 @@ def test_an_exported_encoder_is_a_finetuning_source_like_an_official_mae_file(ru
     source = resolve_source(out, "finetune")
     assert "method.size=micro" in source.overrides and "method.patch_size=8" in source.overrides
     assert f"method.pretrained={(out / 'model.safetensors').resolve()}" in source.overrides
-    from methods.pretrained import load_pretrained
+    from launcher.methods.pretrained import load_pretrained
 
     assert load_pretrained(out / "model.safetensors").source == "official MAE"
 

@@ -8,6 +8,7 @@ import torch
 
 from launcher.data import DataConfig
 from launcher.data.lunarlander import generate_lunarlander
+from launcher.methods.vit import grid_pool
 from launcher.probe import (
     FoldRidge,
     ProbeConfig,
@@ -19,7 +20,6 @@ from launcher.probe import (
     held_out_probe,
     moments_of,
 )
-from methods.vit import grid_pool
 
 
 def test_no_fold_puts_one_episode_on_two_sides_and_every_sample_is_held_out_once() -> None:

@@ -16,10 +16,10 @@ from launcher.data.shards import write_shards
 from launcher.errors import RunDirError
 from launcher.experiment import experiment_from_dict
 from launcher.local import prepare_data
+from launcher.methods import build_method
+from launcher.methods.classifier import ClassifierConfig
 from launcher.runs import read_metrics
 from launcher.trainer import DivergedError, OptimConfig, Trainer, build_optimizer, learning_rate
-from methods import build_method
-from methods.classifier import ClassifierConfig
 from tests.helpers import finetune_experiment, make_image_folder, tiny_experiment, write_stl10
 
 TINY = {"size": "micro", "img_size": 32, "patch_size": 8}
@@ -324,7 +324,7 @@ def test_a_stop_requested_before_the_first_step_returns_at_once_with_nothing_to_
 
 def test_a_frozen_encoder_is_encoded_once_and_trains_the_same_head(tmp_path: Path, monkeypatch) -> None:
     """linprobe without augmentation trains its head on features computed once: the same losses."""
-    from methods.classifier import ViTClassifier
+    from launcher.methods.classifier import ViTClassifier
 
     images = make_image_folder(tmp_path / "images")
     raw = finetune_experiment(images, "linprobe", keep_ratio=0.75, num_drop_stages=2)

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from methods import UnknownMethodError, build_method, get_method
-from methods.autoencoders import (
+from launcher.methods import UnknownMethodError, build_method, get_method
+from launcher.methods.autoencoders import (
     PROCEDURES,
     AutoencoderConfig,
     ImageDecoder,
     ImageEncoder,
     normal_from_seeds,
 )
-from methods.loss_networks import LossNetworkUnavailable
+from launcher.methods.loss_networks import LossNetworkUnavailable
 
 NAMES = list(PROCEDURES)
 

@@ -10,9 +10,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from methods import build_method
-from methods.classifier import ClassifierConfig, LinearProbeConfig, ViTClassifier
-from methods.pretrained import load_pretrained
+from launcher.methods import build_method
+from launcher.methods.classifier import ClassifierConfig, LinearProbeConfig, ViTClassifier
+from launcher.methods.pretrained import load_pretrained
 
 TINY = {"size": "micro", "img_size": 32, "patch_size": 8}
 

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from methods.loss_networks import (
+from launcher.methods.loss_networks import (
     LossNetworkUnavailable,
     build_loss_network,
     check_loss_network_name,

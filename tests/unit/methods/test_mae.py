@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from methods import build_method
-from methods.mae import MAE, MAEConfig, mae_loss
-from methods.vit import (
+from launcher.methods import build_method
+from launcher.methods.mae import MAE, MAEConfig, mae_loss
+from launcher.methods.vit import (
     gather_tokens,
     patchify,
 )

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from methods.pcae import PCAE, PCAEConfig, ema_momentum
-from methods.token_reduction import TokenReducer, default_drop_positions, reduced_token_counts
+from launcher.methods.pcae import PCAE, PCAEConfig, ema_momentum
+from launcher.methods.token_reduction import TokenReducer, default_drop_positions, reduced_token_counts
 
 
 def tiny_model(**overrides: object) -> tuple[PCAE, PCAEConfig]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from methods import MethodConfig, build_method, get_method, method_names
+from launcher.methods import MethodConfig, build_method, get_method, method_names
 
 
 def make_batch(cfg: MethodConfig, batch_size: int = 2) -> dict[str, torch.Tensor]:

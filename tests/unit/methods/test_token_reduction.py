@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from methods import build_method
-from methods.classifier import ClassifierConfig
-from methods.token_reduction import TokenReducer
+from launcher.methods import build_method
+from launcher.methods.classifier import ClassifierConfig
+from launcher.methods.token_reduction import TokenReducer
 
 
 def brute_force_least_similar(tokens: torch.Tensor, k: int) -> list[int]:

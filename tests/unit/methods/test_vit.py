@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.vit import (
+from launcher.methods.vit import (
     MaskedDecoder,
     ViTEncoder,
     gather_tokens,

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from launcher.errors import ConfigError
+from launcher.methods import build_method
 from launcher.studies import pcae_vs_mae
 from launcher.studies.pcae_vs_mae import PLAN, POINTS, Study, load_study
-from methods import build_method
 
 
 def tiny_study(tmp_path: Path, **changes) -> Path:
