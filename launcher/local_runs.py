@@ -108,7 +108,7 @@ def end_attempt(run_dir: Path, step: int, outcome: str, gpus: int = 0, error: st
     entry.update(
         outcome=outcome,
         ended=datetime.datetime.now().isoformat(timespec="seconds"),
-        seconds=round(time.time() - entry["started_at"], 1),
+        seconds=round(time.time() - entry["started_at"], 3),
         cpu_seconds=round(cpu - entry.get("cpu_at_start", 0.0), 3),
         step=step,
         gpus=gpus,
