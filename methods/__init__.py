@@ -3,8 +3,8 @@
 Importing this package registers every method; ``launcher/`` builds them by name.
 """
 
-from launcher.methods import autoencoders, classifier, mae, pcae  # noqa: F401  (registers the methods)
-from launcher.methods.registry import (
+from . import autoencoders, classifier, mae, pcae  # noqa: F401  (registers the methods)
+from .registry import (
     MethodConfig,
     UnknownMethodError,
     build_method,

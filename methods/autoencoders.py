@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from launcher.methods.loss_networks import LossNetwork, build_loss_network, check_loss_network_name
-from launcher.methods.registry import MethodConfig, register_method
-from launcher.methods.seeding import per_sample_noise
+from .loss_networks import LossNetwork, build_loss_network, check_loss_network_name
+from .registry import MethodConfig, register_method
+from .seeding import per_sample_noise
 
 
 @dataclass(frozen=True)

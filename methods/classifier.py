@@ -29,11 +29,11 @@ from timm.layers import resample_abs_pos_embed
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor, nn
 
-from launcher.methods.pretrained import EncoderChoice, PretrainedEncoder, load_pretrained
-from launcher.methods.registry import register_method
-from launcher.methods.seeding import seeded_host_rngs
-from launcher.methods.token_reduction import TokenReductionConfig
-from launcher.methods.vit import LayerNorm, ViTConfig, grid_pool, position_moments
+from .pretrained import EncoderChoice, PretrainedEncoder, load_pretrained
+from .registry import register_method
+from .seeding import seeded_host_rngs
+from .token_reduction import TokenReductionConfig
+from .vit import LayerNorm, ViTConfig, grid_pool, position_moments
 
 log = logging.getLogger(__name__)
 

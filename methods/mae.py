@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from launcher.methods.registry import register_method
-from launcher.methods.vit import MaskedViTConfig, Masking, batch_noise, gather_tokens, patchify, random_masking
+from .registry import register_method
+from .vit import MaskedViTConfig, Masking, batch_noise, gather_tokens, patchify, random_masking
 
 
 @dataclass(kw_only=True)

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from launcher.methods.registry import register_method
-from launcher.methods.token_reduction import TokenReductionConfig
-from launcher.methods.vit import MaskedViTConfig, Masking, batch_noise, random_masking
+from .registry import register_method
+from .token_reduction import TokenReductionConfig
+from .vit import MaskedViTConfig, Masking, batch_noise, random_masking
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from launcher.methods.vit import gather_tokens
+from .vit import gather_tokens
 
 DropMode = Literal["similarity", "random"]
 DROP_MODES: tuple[str, ...] = ("similarity", "random")

@@ -19,8 +19,8 @@ from timm.layers import PatchEmbed, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from launcher.methods.registry import MethodConfig
-from launcher.methods.seeding import per_sample_noise
+from .registry import MethodConfig
+from .seeding import per_sample_noise
 
 ViTSizeName = Literal["micro", "mini", "tiny", "small", "base", "large", "huge"]
 
