@@ -248,6 +248,20 @@ def test_time_limit_signal_requeues_and_the_job_resumes_with_the_same_losses(sha
     assert_same_losses(losses(run)[:compare], losses(shared / "time-limit-reference"))
 
 
+def wait_until_unlocked(run: Path, timeout_s: float) -> None:
+    """Until no process holds the run directory's lock (the job's last process has exited)."""
+    from launcher.errors import RunDirError
+    from launcher.runs import check_unlocked
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return check_unlocked(run)
+        except RunDirError:
+            assert time.monotonic() < deadline, f"{run} still locked after {timeout_s} s"
+            time.sleep(0.5)
+
+
 def test_cancel_is_reported_as_cancelled(shared: Path, capsys) -> None:
     run = submit(shared, "cancelled", "train.num_epochs=500")
     wait_for(run, ("RUNNING",), 60)
@@ -257,6 +271,9 @@ def test_cancel_is_reported_as_cancelled(shared: Path, capsys) -> None:
     assert status["state"] == "CANCELLED"
     assert main(["status", str(run)]) == 0
     assert "CANCELLED" in capsys.readouterr().out
+    # SLURM says CANCELLED as soon as it has signalled the job; its process may still be writing
+    # its checkpoint and holding the run directory's lock, which a resume rightly refuses.
+    wait_until_unlocked(run, 60)
     assert main(["resume", str(run)]) == 0  # resubmits the same config from its newest checkpoint
     assert len(read_launch(run)["jobs"]) == 2
     assert main(["cancel", str(run)]) == 0
