@@ -203,6 +203,11 @@ def calibrate(study: StudyConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the study
 
 
+def same_but_seeds(recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """A study's points are per seed, so a study may be resumed with other seeds: the rest must match."""
+    return {k: v for k, v in recorded.items() if k != "seeds"} == {k: v for k, v in wanted.items() if k != "seeds"}
+
+
 class Study:
     """One study directory: its config, plan, points, and the runs that make them."""
 
@@ -214,10 +219,10 @@ class Study:
         path = self.directory
         if path.exists() and not (path / STUDY_FILE).exists() and any(path.iterdir()):
             raise ConfigError(f"{path} exists but is not a study of this tool; pass another --study-dir")
-        if (path / STUDY_FILE).exists() and read_yaml(path / STUDY_FILE) != to_dict(self.cfg):
+        if (path / STUDY_FILE).exists() and not same_but_seeds(read_yaml(path / STUDY_FILE), to_dict(self.cfg)):
             raise ConfigError(
-                f"{path} holds a study with a different configuration (budget, seeds, experiment...); "
-                f"pass another --study-dir, or the same settings to resume it"
+                f"{path} holds a study with a different configuration (budget, experiment, contenders...); "
+                f"pass another --study-dir, or the same settings to resume it (other --seeds add to it)"
             )
         return (path / STUDY_FILE).exists()
 

@@ -182,3 +182,11 @@ def test_the_command_line_dry_runs_locally_and_on_slurm(tmp_path: Path, shared_t
     assert "not a multiple of train.micro_batch_size x processes (16 x 3)" in capsys.readouterr().err
     assert launch("study pcae-vs-mae --budget soon --experiment", experiment) == 2
     assert "--budget 'soon' is not a wall time" in capsys.readouterr().err
+
+
+def test_a_study_resumes_with_more_seeds_but_refuses_other_settings(tmp_path: Path) -> None:
+    directory = tmp_path / "study"
+    Study(load_study(tiny_study(tmp_path, seeds=[0])), directory).write()
+    assert Study(load_study(tiny_study(tmp_path, seeds=[0, 1, 2])), directory).check()
+    with pytest.raises(ConfigError, match="different configuration"):
+        Study(load_study(tiny_study(tmp_path, seeds=[0], budget_s=2)), directory).check()
