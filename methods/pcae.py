@@ -42,6 +42,12 @@ class PCAEConfig(TokenReductionConfig, MaskedViTConfig):
     keep_ratio: float = 0.5
     momentum: float = 0.9999
     momentum_final: float = 1.0
+    # The teacher's memory as a fraction of the run: when set, the starting momentum is
+    # 1 - 1 / (momentum_horizon * total_steps), so the teacher averages over the same share of
+    # training at any length and batch size (batch cancels: a run of E epochs has E*N/B steps and
+    # the horizon in samples is momentum_horizon*E*N). The paper's 0.9999 at ImageNet length
+    # (400 epochs at batch 4096: 125,120 steps) is momentum_horizon = 0.08. ``momentum`` is then unused.
+    momentum_horizon: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,12 +57,20 @@ class PCAEConfig(TokenReductionConfig, MaskedViTConfig):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {value}")
+        if self.momentum_horizon is not None and not 0.0 < self.momentum_horizon <= 1.0:
+            raise ValueError(f"momentum_horizon must be a fraction of the run in (0, 1], got {self.momentum_horizon}")
         counts = self.target_token_counts
         if counts[-1] < 1:
             raise ValueError(
                 f"token reduction leaves no target tokens ({' -> '.join(map(str, counts))}); "
                 "raise keep_ratio, lower mask_ratio or use fewer drop stages"
             )
+
+    def start_momentum(self, total_steps: int) -> float:
+        """The EMA momentum at step 0 of a run of ``total_steps`` (see ``momentum_horizon``)."""
+        if self.momentum_horizon is None:
+            return self.momentum
+        return max(0.0, 1.0 - 1.0 / (self.momentum_horizon * total_steps))
 
     @property
     def target_token_counts(self) -> tuple[int, ...]:
@@ -140,7 +154,7 @@ class PCAE(nn.Module):
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
         """EMA update of the teacher after optimizer step ``step`` (1-based) of ``total_steps``."""
-        m = ema_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_final)
+        m = ema_momentum(step, total_steps, self.cfg.start_momentum(total_steps), self.cfg.momentum_final)
         if m < 1.0:
             torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), 1.0 - m)
 

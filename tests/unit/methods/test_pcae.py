@@ -272,3 +272,18 @@ def test_config_accepts_explicit_drop_positions() -> None:
     cfg = PCAEConfig(drop_positions=[3, 7, 11])  # a YAML list
     assert cfg.drop_positions == (3, 7, 11) and cfg.resolved_drop_positions == (3, 7, 11)
     assert PCAEConfig.tiny().size == "micro"
+
+
+def test_a_momentum_horizon_means_the_same_share_of_any_run() -> None:
+    # The paper's 0.9999 at ImageNet length: 400 epochs of 1,281,167 images at batch 4096.
+    paper = PCAEConfig(momentum_horizon=0.08)
+    assert paper.start_momentum(400 * math.ceil(1_281_167 / 4096)) == pytest.approx(0.9999, abs=2e-7)
+    local = PCAEConfig(momentum_horizon=0.08)
+    assert local.start_momentum(186) == pytest.approx(1 - 1 / (0.08 * 186))
+    # The same epochs at another batch size: the teacher's memory in samples (and epochs) is the same.
+    steps_small, steps_large = 8 * 100, 8 * 25  # batch 32 vs 128 over 3,200 samples, 8 epochs
+    memory = lambda m, batch: batch / (1 - m)  # noqa: E731  the samples a teacher averages over
+    assert memory(local.start_momentum(steps_small), 32) == pytest.approx(memory(local.start_momentum(steps_large), 128))
+    assert PCAEConfig().start_momentum(186) == 0.9999  # without a horizon the momentum is as given
+    with pytest.raises(ValueError, match="momentum_horizon"):
+        PCAEConfig(momentum_horizon=0.0)
