@@ -21,8 +21,8 @@ from typing import Any
 
 from launcher.config import parse_override, read_yaml
 from launcher.errors import ConfigError, RunDirError
+from launcher.slurm.records import GRID_FILE
 
-GRID_FILE = "grid.yaml"
 POINTS = "points"
 MAX_POINTS = 64
 

@@ -15,7 +15,7 @@ from typing import Any
 from launcher.errors import RunDirError, UserError
 from launcher.runs import read_metrics
 from launcher.slurm.profiles import SlurmError, load_profile, profile_names
-from launcher.slurm.records import LAUNCH_JSON, LOCAL_JSON, now, read_launch, update_launch
+from launcher.slurm.records import GRID_FILE, LAUNCH_JSON, LOCAL_JSON, now, read_launch, update_launch
 
 ACTIVE_STATES = (
     "PENDING",
@@ -142,8 +142,6 @@ def source_cost(run_dir: Path) -> dict[str, Any] | None:
 def find_runs(roots: list[Path] | None = None) -> list[Path]:
     """Runs (SLURM and local) and sweeps directly under ``roots``, oldest first; by default under
     ``./runs`` and every profile's runs_dir."""
-    from launcher.sweeps import GRID_FILE
-
     if roots is None:
         roots = [Path("runs")]
         for name in profile_names():

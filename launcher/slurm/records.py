@@ -20,6 +20,7 @@ from launcher.errors import RunDirError
 
 LAUNCH_JSON = "launch.json"
 LOCAL_JSON = "local.json"  # a run of this machine: the wall time of each attempt
+GRID_FILE = "grid.yaml"  # a sweep directory: its grid (launcher/sweeps.py)
 
 
 def read_launch(run_dir: Path) -> dict[str, Any]:
