@@ -84,7 +84,8 @@ def test_the_reduced_paths_worker_hands_uint8_crops_and_the_device_stage_normali
     batch = collate([dataset[(i, 0)] for i in range(6)])
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (6, 3, 224, 224)
     out = build_device_stage(cfg, 224)(batch, CPU)["image"]
-    assert out.dtype == torch.float32 and torch.equal(out, images(photos, 224)["full"]([(i, 0) for i in range(6)])["image"])
+    full = images(photos, 224)["full"]([(i, 0) for i in range(6)])["image"]
+    assert out.dtype == torch.float32 and torch.equal(out, full)
 
 
 def test_plain_jpegs_are_decoded_by_simplejpeg_to_pillows_pixels(photos: Path, monkeypatch) -> None:
