@@ -2,13 +2,16 @@
 
 The pipeline measured is the project's own: ``SeededDataset`` with MAE's pretraining transform
 (decode, random resized crop, flip, normalise), one sample at a time on one thread, as one
-DataLoader worker runs it. Its paths are timed side by side, round after round, on an
+DataLoader worker runs it, collating batches and moving them to shared memory for the training
+process. Its paths are timed side by side, round after round, on an
 ImageFolder of generated JPEGs shaped like ImageNet's (500x375, quality 90, textured so that they
 compress like photographs): ``tensor`` and ``pillow`` (``data.resample``), ``reduced`` and
 ``device-cpu`` (``data.decode``; the device's half runs on this core too), the same JPEGs as
 shards (``data.name=shards``) kept as they are and pre-resized to ``--max-side``, and, where there
-is CUDA, ``device-cuda`` (the worker's half per worker, the GPU's img/s apart); decoding alone
-beside them. One line per path reads ``path NAME: N img/s per worker (R x tensor)``. Given the
+is CUDA, ``device-cuda``; decoding alone beside them. One line per path reads ``path NAME: N img/s
+per worker (R x tensor)``: the worker's half. A path with a training-process half (``device``'s
+decode and crop, ``reduced``'s normalisation of its uint8 crops) has that half's img/s on its own
+line, ``main process of NAME``, measured on this CPU (or the GPU for ``device-cuda``). Given the
 training step rates of ``launch bench pretrain`` (``--step-rate``), it prints how many workers
 each path needs to keep one GPU fed. Last, start-up: a fresh process to its first batch, from
 shards whose index names ``--startup-samples`` samples, and from listing an ImageFolder of as
@@ -27,6 +30,7 @@ import torch
 from PIL import Image
 
 IMAGENET_SHAPE = (375, 500)  # (height, width): the most common ImageNet-1k training image
+CPU = torch.device("cpu")
 
 
 def make_jpeg_folder(root: Path, count: int, seed: int = 0) -> Path:
@@ -64,28 +68,37 @@ def _decoders() -> dict[str, object]:
     return decoders
 
 
-class DevicePath:
-    """``data.decode: device`` as one worker and the training process run it: per sample on the worker,
-    then the batch on ``device``; ``device_seconds`` adds up the second half alone."""
+class WorkerPath:
+    """One path as a DataLoader worker and the training process run it: the samples of each batch on
+    the worker, collated and moved to shared memory (what sending a batch to the training process
+    costs the worker), then the path's device stage, if it has one, in the training process on
+    ``device``. ``worker_seconds`` and ``main_seconds`` add up the two halves apart."""
 
-    def __init__(self, root: Path, img_size: int, device: torch.device, batch_size: int = 32) -> None:
+    def __init__(self, root: Path, img_size: int, device: torch.device = CPU, batch_size: int = 32, **data) -> None:
         from launcher.data import DataConfig
         from launcher.data.transforms import build_device_stage
 
-        self.dataset = open_path(root, img_size, name="imagefolder", decode="device")
-        self.stage = build_device_stage(DataConfig(root=str(root), decode="device"), img_size)
-        self.device, self.batch_size, self.device_seconds = device, batch_size, 0.0
+        self.dataset = open_path(root, img_size, **data)
+        self.stage = build_device_stage(DataConfig(root=str(root), augment="mae", **data), img_size)
+        self.device, self.batch_size = device, batch_size
+        self.worker_seconds = self.main_seconds = 0.0
 
     def run(self, keys: list[tuple[int, int]]) -> None:
         from launcher.data.sampling import collate
 
         for start in range(0, len(keys), self.batch_size):
-            batch = collate([self.dataset[key] for key in keys[start : start + self.batch_size]])
             begin = time.perf_counter()
-            self.stage(batch, self.device)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.device_seconds += time.perf_counter() - begin
+            batch = collate([self.dataset[key] for key in keys[start : start + self.batch_size]])
+            for value in batch.values():  # the worker's side of the queue to the training process
+                for tensor in value if isinstance(value, list) else [value]:
+                    tensor.share_memory_()
+            middle = time.perf_counter()
+            self.worker_seconds += middle - begin
+            if self.stage is not None:
+                self.stage(batch, self.device)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.main_seconds += time.perf_counter() - middle
 
 
 def open_path(root: Path, img_size: int, **data):
@@ -114,37 +127,30 @@ def bench_data(args: argparse.Namespace) -> int:
     resized = Path(f"{args.root}-shards-{args.max_side}")
     write_shards(root, shards, num_workers=1)
     write_shards(root, resized, max_side=args.max_side, num_workers=1)
-    pipelines: dict[str, object] = {
-        "tensor": open_path(root, args.img_size, name="imagefolder", resample="tensor"),
-        "pillow": open_path(root, args.img_size, name="imagefolder", resample="pillow"),
-        "reduced": open_path(root, args.img_size, name="imagefolder", decode="reduced"),
-        "device-cpu": DevicePath(root, args.img_size, CPU),
-        "shards-reduced": open_path(shards, args.img_size, name="shards", decode="reduced"),
-        f"shards-{args.max_side}-reduced": open_path(resized, args.img_size, name="shards", decode="reduced"),
+    pipelines = {
+        "tensor": WorkerPath(root, args.img_size, name="imagefolder", resample="tensor"),
+        "pillow": WorkerPath(root, args.img_size, name="imagefolder", resample="pillow"),
+        "reduced": WorkerPath(root, args.img_size, name="imagefolder", decode="reduced"),
+        "device-cpu": WorkerPath(root, args.img_size, name="imagefolder", decode="device"),
+        "shards-reduced": WorkerPath(shards, args.img_size, name="shards", decode="reduced"),
+        f"shards-{args.max_side}-reduced": WorkerPath(resized, args.img_size, name="shards", decode="reduced"),
     }
     if torch.cuda.is_available():
-        pipelines["device-cuda"] = DevicePath(root, args.img_size, torch.device("cuda"))
-    paths = [path for path, _ in pipelines["tensor"].base.samples][: args.images]
+        pipelines["device-cuda"] = WorkerPath(root, args.img_size, torch.device("cuda"), decode="device")
+    paths = [path for path, _ in pipelines["tensor"].dataset.base.samples][: args.images]
     count = len(paths)
     decoders = _decoders()
 
     rates: dict[str, list[float]] = {name: [] for name in [*pipelines, *decoders]}
-    gpu_rates: list[float] = []
+    main_rates: dict[str, list[float]] = {name: [] for name, path in pipelines.items() if path.stage is not None}
     for round_ in range(args.rounds):  # alternating, so a slow moment of the machine hits all alike
         keys = [(index, round_) for index in range(count)]
         for name, pipeline in pipelines.items():
-            start = time.perf_counter()
-            if isinstance(pipeline, DevicePath):
-                pipeline.device_seconds = 0.0
-                pipeline.run(keys)
-            else:
-                for key in keys:
-                    pipeline[key]
-            seconds = time.perf_counter() - start
-            if name == "device-cuda":  # the worker's half per worker; the GPU's half apart
-                gpu_rates.append(count / pipeline.device_seconds)
-                seconds -= pipeline.device_seconds
-            rates[name].append(count / seconds)
+            pipeline.worker_seconds = pipeline.main_seconds = 0.0
+            pipeline.run(keys)
+            rates[name].append(count / pipeline.worker_seconds)
+            if name in main_rates:
+                main_rates[name].append(count / pipeline.main_seconds)
         for name, decode in decoders.items():
             start = time.perf_counter()
             for path in paths:
@@ -153,14 +159,22 @@ def bench_data(args: argparse.Namespace) -> int:
 
     best = {name: max(values) for name, values in rates.items()}
     reference = best["tensor"]
-    print(f"\ntimed {args.rounds} rounds of {count} images per path, alternating; best round, median in brackets")
+    print(
+        f"\ntimed {args.rounds} rounds of {count} images per path, alternating; best round, median in brackets; "
+        "a worker's img/s include collating batches of 32 and moving them to shared memory"
+    )
     for name, values in rates.items():
         print(
             f"path {name}: {best[name]:.0f} img/s per worker ({best[name] / reference:.2f} x tensor)"
             f"  [median {float(np.median(values)):.0f}]"
         )
-    if gpu_rates:
-        print(f"device-cuda on the GPU ({torch.cuda.get_device_name()}): {max(gpu_rates):.0f} img/s of decode and crop")
+    for name, values in main_rates.items():
+        stage, device = type(pipelines[name].stage).__name__, pipelines[name].device
+        where = torch.cuda.get_device_name() if device.type == "cuda" else "this CPU, one thread"
+        print(
+            f"main process of {name}: {max(values):.0f} img/s of {stage} on {where}, the training process's half, "
+            f"not in the worker's img/s  [median {float(np.median(values)):.0f}]"
+        )
     step_rates = [float(r) for r in args.step_rate.split(",")] if args.step_rate else []
     if step_rates:
         print("\nloader workers (one core each) to feed one GPU training at a step rate:")
@@ -173,8 +187,6 @@ def bench_data(args: argparse.Namespace) -> int:
         print_startup(Path(args.root), shards, args.startup_samples, args.img_size)
     return 0
 
-
-CPU = torch.device("cpu")
 
 # A fresh process: import, open the data set, build the sampler and loader, take the first batch.
 FIRST_BATCH = """

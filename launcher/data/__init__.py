@@ -47,7 +47,8 @@ class DataConfig:
     resample: Literal["tensor", "pillow"] = "tensor"
     # Where `mae`'s training images are decoded (data sets of image files: imagefolder, shards):
     # `full` (the whole image on the loader worker, then `resample`), `reduced` (on the worker at
-    # the smallest DCT scale the crop allows, cropped and resized by Pillow) or `device` (the
+    # the smallest DCT scale the crop allows, cropped and resized there, handed on as uint8 and
+    # normalised on the training device in batches) or `device` (the
     # workers send the bytes; decode, crop, resize, flip and normalise run batched on the training
     # device: nvJPEG on CUDA). The same crop boxes and flips on every path; evaluation decodes whole.
     decode: Literal["full", "reduced", "device"] = "full"

@@ -40,7 +40,7 @@ def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> Calla
     if augment == "mae" and cfg.decode == "reduced":
         from launcher.data.decode import ReducedDecodeCrop
 
-        return ReducedDecodeCrop(img_size, (cfg.min_crop_scale, 1.0), cfg.mean, cfg.std)
+        return ReducedDecodeCrop(img_size, (cfg.min_crop_scale, 1.0))
     if augment == "mae" and cfg.decode == "device":
         from launcher.data.decode import DeviceDecodeCrop
 
@@ -74,11 +74,15 @@ def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> Calla
 
 def build_device_stage(cfg: DataConfig, img_size: int, train: bool = True):
     """What the training process does to a batch on its device before the model sees it
-    (``DeviceDecoder`` for ``data.decode: device``), or ``None``."""
+    (``DeviceDecoder`` for ``data.decode: device``, ``DeviceNormalize`` for ``reduced``), or ``None``."""
     if train and cfg.augment == "mae" and cfg.decode == "device":
         from launcher.data.decode import DeviceDecoder
 
         return DeviceDecoder(img_size, cfg.mean, cfg.std)
+    if train and cfg.augment == "mae" and cfg.decode == "reduced":
+        from launcher.data.decode import DeviceNormalize
+
+        return DeviceNormalize(cfg.mean, cfg.std)
     return None
 
 

@@ -33,6 +33,10 @@ def test_bench_data_prints_every_path_and_the_workers_they_need(tmp_path: Path, 
     }
     paths = ["tensor", "pillow", "reduced", "device-cpu", "shards-reduced", "shards-128-reduced", "decode-only-pillow"]
     assert set(paths) <= set(lines) and lines["tensor"] == (lines["tensor"][0], 1.0)
+    main = re.findall(r"^main process of (\S+): \d+ img/s of (\w+)", out, re.M)
+    assert main == [("reduced", "DeviceNormalize"), ("device-cpu", "DeviceDecoder")] + [
+        (name, "DeviceNormalize") for name in ("shards-reduced", "shards-128-reduced")
+    ]
     assert "loader workers (one core each)" in out and "5000" in out
     startup = re.findall(r"^start-up (\S+): \d+\.\d s to the first batch of (\d+) samples", out, re.MULTILINE)
     assert startup == [("shards", "3000"), ("imagefolder", "3000")]

@@ -76,6 +76,34 @@ def test_where_the_dct_is_not_scaled_the_reduced_path_gives_the_tensor_paths_pix
     assert torch.equal(paths["reduced"](keys)["image"], paths["full"](keys)["image"])
 
 
+def test_the_reduced_paths_worker_hands_uint8_crops_and_the_device_stage_normalises_them(photos: Path) -> None:
+    # A quarter of the floats' bytes to collate and pass between processes; the floats are the
+    # tensor path's own once DeviceNormalize has run, whoever decoded the file.
+    cfg = DataConfig(name="imagefolder", root=str(photos), augment="mae", decode="reduced")
+    dataset = SeededDataset(open_dataset(cfg, 224), build_transform(cfg, 224), seed=0)
+    batch = collate([dataset[(i, 0)] for i in range(6)])
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (6, 3, 224, 224)
+    out = build_device_stage(cfg, 224)(batch, CPU)["image"]
+    full = images(photos, 224)["full"]([(i, 0) for i in range(6)])["image"]
+    assert out.dtype == torch.float32 and torch.equal(out, full)
+
+
+def test_plain_jpegs_are_decoded_by_simplejpeg_to_pillows_pixels(photos: Path, monkeypatch) -> None:
+    import simplejpeg
+
+    from launcher.data import EncodedImage
+    from launcher.data.decode import decode_rgb, open_header
+
+    calls = []
+    decode = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    for path in sorted(photos.glob("*/*.JPEG")):
+        encoded = EncodedImage(path.read_bytes(), str(path))
+        with Image.open(path) as image:
+            assert np.array_equal(decode_rgb(open_header(encoded), encoded), np.asarray(image.convert("RGB")))
+    assert len(calls) == 6
+
+
 def test_the_reduced_path_decodes_fewer_pixels_when_the_crop_allows(photos: Path, monkeypatch) -> None:
     scales = []
     draft = Image.Image.draft
