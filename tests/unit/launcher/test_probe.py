@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launcher.data import DataConfig
-from launcher.data.lunarlander import generate_lunarlander
+from launcher.data.lunarlander_generate import generate_lunarlander
 from launcher.methods.vit import grid_pool
 from launcher.probe import (
     FoldRidge,
