@@ -27,7 +27,7 @@ from launcher.data.lunarlander_generate import (
     frame_size_for,
     generate_lunarlander,
 )
-from launcher.errors import ConfigError, DataError
+from launcher.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -190,15 +190,15 @@ class LunarLanderFrames:
 # ----------------------------------------------------------------------------- as a registered data set
 
 
-def on_screen_indices(dataset: BaseDataset, setting: str) -> np.ndarray:
-    """Indices of the frames of a LunarLander set whose lander is on screen.
+def on_screen_indices(dataset: LunarLanderImages) -> np.ndarray:
+    """The frames whose lander's centre is on screen: a frame of a lander that has flown off shows
+    nothing of where it is (the probe's and the evaluation's subset)."""
+    return np.flatnonzero(dataset.frames.on_screen_mask())
 
-    ``setting`` names the option that asked, for the error on a set of another kind.
-    """
-    frames = getattr(dataset, "frames", None)  # LunarLander's arrays
-    if frames is None:
-        raise ConfigError(f"{setting} is for LunarLander frames, and this data set is not; remove {setting}")
-    return np.flatnonzero(frames.on_screen_mask())
+
+def episode_ids(dataset: LunarLanderImages) -> np.ndarray:
+    """The episode of every frame: the probe's folds keep episodes whole (neighbouring frames are near copies)."""
+    return np.asarray(dataset.frames.episodes)
 
 
 def prepare_lunarlander(cfg: DataConfig, img_size: int) -> None:
@@ -229,7 +229,16 @@ def count_lunarlander(cfg: DataConfig) -> int | None:
         return None
 
 
-@register_dataset("lunarlander", prepare=prepare_lunarlander, count=count_lunarlander)
+@register_dataset(
+    "lunarlander",
+    prepare=prepare_lunarlander,
+    count=count_lunarlander,
+    label_names=STATE_FIELDS,
+    motion_labels=MOTION_FIELDS,
+    subset=on_screen_indices,
+    subset_of="LunarLander frames",
+    groups=episode_ids,
+)
 def open_lunarlander(cfg: DataConfig, img_size: int) -> BaseDataset:
     return LunarLanderImages(LunarLanderFrames(Path(cfg.root)))
 
