@@ -102,7 +102,7 @@ def probe_encoders(cfg: ExperimentConfig, demo: DemoConfig, trainer, result, run
     tmp.write_text(json.dumps({k: v.to_dict(probe.names) for k, v in scores.items()}, indent=2))
     tmp.replace(run_dir / "probe.json")  # never half a file
     trained_score, initial_score = list(scores.values())[:2]
-    episodes = len(np.unique(np.asarray(probe.dataset.frames.episodes)[probe.indices]))
+    episodes = len(np.unique(probe.groups))
     headline = ", ".join(probe.names[t] for t in demo.probe.headline)
     gain = trained_score.mean - initial_score.mean
     out.write(
@@ -110,7 +110,7 @@ def probe_encoders(cfg: ExperimentConfig, demo: DemoConfig, trainer, result, run
         f"{len(probe.indices)} frames of {episodes} episodes it never saw ({demo.probe.data.root}); R² of "
         f"predictions of each frame by a probe fit on other episodes ({demo.probe.num_folds} folds). Targets "
         f"after the bar are rates of change, which no single frame shows:\n"
-        f"{describe(scores, probe.names, demo.probe.headline)}\n"
+        f"{describe(scores, probe.names, demo.probe.headline, demo.probe.data.name)}\n"
         f"gain from pretraining: {gain:+.3f} mean R² over {headline} (one seed; {demo.spread_note})\n"
         f"{verdict(gain, demo.spread)}\n"
     )

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from launcher.data import DataConfig, open_dataset
-from launcher.data.lunarlander import on_screen_indices
+from launcher.data import DataConfig, open_dataset, probe_subset
 from launcher.data.sampling import SeededDataset, collate
 from launcher.data.transforms import build_transform
 from launcher.scores import r2_from_sums
@@ -33,8 +32,8 @@ class EvalConfig:
     data: DataConfig | None = None
     every_epochs: int = 0  # also evaluate every this many epochs; 0: only at the end
     batch_size: int = 256  # per process
-    # LunarLander: score only the frames whose lander's centre is on screen, as the probe does; a
-    # frame of a lander that has flown off the top shows nothing to say where it is.
+    # Score only the data set's probe subset, as the probe does (LunarLander: the frames whose lander's
+    # centre is on screen; a frame of a lander that has flown off the top shows nothing to say where it is).
     on_screen_only: bool = False
 
     def __post_init__(self) -> None:
@@ -50,7 +49,7 @@ def build_eval_loader(
     base = open_dataset(data, img_size)
     if classes is not None and hasattr(base, "relabel"):
         base.relabel(classes)
-    indices = on_screen_indices(base, "eval.on_screen_only") if cfg.on_screen_only else np.arange(len(base))
+    indices = probe_subset(data.name, base, "eval.on_screen_only") if cfg.on_screen_only else np.arange(len(base))
     dataset = SeededDataset(base, build_transform(data, img_size, train=False), seed=0)
     keys = [(int(index), 0) for index in indices[rank::world_size]]
     return DataLoader(

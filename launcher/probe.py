@@ -25,8 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from launcher.data import DataConfig, open_dataset
-from launcher.data.lunarlander import on_screen_indices
+from launcher.data import DataConfig, label_names, motion_labels, open_dataset, probe_subset, sample_groups
 from launcher.data.transforms import build_transform
 from launcher.embeddings import Encode, embed_dataset
 from launcher.methods.vit import grid_pool, patchify, position_moments
@@ -55,7 +54,7 @@ class ProbeConfig:
     grid: int = 2  # the cells of readout "cells"
     pixels: int = 32  # the raw-pixel baseline: the image resized to pixels x pixels
     num_folds: int = 5  # cross-validation over groups (episodes): every sample is scored once, held out
-    on_screen_only: bool = True  # LunarLander: leave out frames whose lander has left the screen
+    on_screen_only: bool = True  # the data set's probe subset (LunarLander: frames whose lander is on screen)
     num_samples: int = 0  # at most this many samples, evenly spaced over the set (0: all)
 
     def __post_init__(self) -> None:
@@ -236,17 +235,20 @@ class ProbeSet:
         self.cfg = cfg
         self.dataset = open_dataset(cfg.data, img_size)
         self.transform = build_transform(cfg.data, img_size, train=False)
-        frames = getattr(self.dataset, "frames", None)  # LunarLander's arrays
-        on_screen = cfg.on_screen_only and frames is not None  # the default, harmless on other sets
-        keep = on_screen_indices(self.dataset, "probe.on_screen_only") if on_screen else np.arange(len(self.dataset))
+        name = cfg.data.name
+        # on_screen_only is the default, so a data set without that subset reads every sample.
+        keep = (
+            probe_subset(name, self.dataset, "probe.on_screen_only", required=False)
+            if cfg.on_screen_only
+            else np.arange(len(self.dataset))
+        )
         if cfg.num_samples and len(keep) > cfg.num_samples:
             keep = keep[np.linspace(0, len(keep) - 1, cfg.num_samples).astype(int)]
         self.indices = keep
-        groups = np.asarray(frames.episodes)[keep] if frames is not None else keep
-        self.groups = groups
-        self.folds = episode_folds(groups, cfg.num_folds)
+        self.groups = sample_groups(name, self.dataset)[keep]
+        self.folds = episode_folds(self.groups, cfg.num_folds)
         self.labels: np.ndarray | None = None
-        self.names = target_names(cfg.data.name, cfg.targets)
+        self.names = target_names(name, cfg.targets)
 
     def encoder(self, model: torch.nn.Module, tokens: Encode | None = None) -> Encode:
         """How this probe reads ``model``: its patch tokens (``model.patch_tokens``, or ``tokens``), as configured."""
@@ -290,28 +292,21 @@ class ProbeSet:
 
 
 def target_names(dataset: str, targets: tuple[int, ...]) -> dict[int, str]:
-    """Readable names of label columns: LunarLander's state fields, else the column numbers."""
-    from launcher.data.lunarlander import STATE_FIELDS
-
-    fields = STATE_FIELDS if dataset == "lunarlander" else ()
+    """Readable names of label columns: the data set's label names, else the column numbers."""
+    fields = label_names(dataset)
     return {t: fields[t] if t < len(fields) else str(t) for t in targets}
 
 
-def is_motion(name: str) -> bool:
-    """Whether a target is a rate of change, which no single frame shows (LunarLander's velocities)."""
-    from launcher.data.lunarlander import MOTION_FIELDS
-
-    return name in MOTION_FIELDS
-
-
-def describe(scores: dict[str, ProbeScore], names: dict[int, str], headline: tuple[int, ...]) -> str:
+def describe(scores: dict[str, ProbeScore], names: dict[int, str], headline: tuple[int, ...], dataset: str) -> str:
     """A table of test R², one row per encoder (or baseline), one column per target, then the mean.
 
-    The targets one frame shows come first; rates of change, which no single frame shows, come
-    after a bar: an encoder of one frame can read them only from cues such as the engine's flame.
+    The targets one frame shows come first; rates of change, which no single frame shows (the
+    ``motion_labels`` of data set ``dataset``), come after a bar: an encoder of one frame can read
+    them only from cues such as the engine's flame.
     """
     targets = list(next(iter(scores.values())).r2)
-    columns = [t for t in targets if not is_motion(names[t])] + ["|"] + [t for t in targets if is_motion(names[t])]
+    motion = set(motion_labels(dataset))
+    columns = [t for t in targets if names[t] not in motion] + ["|"] + [t for t in targets if names[t] in motion]
     if columns[-1] == "|":
         columns.pop()
     width = max(len(label) for label in scores) + 2

@@ -2,11 +2,13 @@
 
 ``DataConfig.name`` is any registered data set (``dataset_names()``): ``imagefolder``,
 ``stl10``, ``svhn`` (``image_sets.py``), ``shards`` (``shards.py``: WebDataset tar files and one index)
-and ``lunarlander`` (``lunarlander.py``). A data set
+and ``lunarlander`` (``lunarlander.py``; its generation: ``lunarlander_generate.py``). A data set
 is opened with ``open_dataset``, which never writes anything; one that this project can make
 itself (LunarLander) is made by ``prepare``, which the command line or a study calls before a
 run starts. Augmentations are in ``transforms.py``; the sampler and the per-sample seeds that
-make resume exact are in ``sampling.py``.
+make resume exact are in ``sampling.py``. An entry also says how probes read a labelled set (its
+label names, the samples to read, the groups folds keep whole): the probe, the evaluation and the
+studies ask ``label_names``, ``motion_labels``, ``probe_subset`` and ``sample_groups``, never a data set's module.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
-from launcher.errors import DataError
+from launcher.errors import ConfigError, DataError
 
 # Every data set is read as RGB: image files are converted (a greyscale one too), the others are stored so.
 CHANNELS = 3
@@ -123,11 +126,25 @@ class EncodedImage:
 
 @dataclass(frozen=True)
 class DatasetEntry:
+    """What the registry knows of a data set: how to open, make and count it, and how probes read its labels."""
+
     open: Callable[[DataConfig, int], BaseDataset]  # (config, image size) -> data set
     prepare: Callable[[DataConfig, int], None] | None = None  # makes it, for sets this project makes
     encoded: bool = False  # it has ``encoded(index) -> (EncodedImage, label)``: image files, not pixels
     # The number of samples without listing or converting anything (for a dry run); None: unknown.
     count: Callable[[DataConfig], int | None] | None = None
+    # One name per label column, for labels that are measured values; (): classes, or unnamed columns.
+    label_names: tuple[str, ...] = ()
+    # The label names that are rates of change: one image cannot show them (they need two frames).
+    motion_labels: tuple[str, ...] = ()
+    # Indices of the samples a probe or an evaluation reads (LunarLander: the frames whose lander is
+    # on screen); None: every sample. ``subset_of`` says what has this subset, for the error on a
+    # data set that has none ("LunarLander frames").
+    subset: Callable[[BaseDataset], np.ndarray] | None = None
+    subset_of: str = ""
+    # A group id per sample: cross-validation folds never split a group, so near copies (LunarLander:
+    # neighbouring frames of one episode) never straddle a split; None: each sample its own group.
+    groups: Callable[[BaseDataset], np.ndarray] | None = None
 
 
 _DATASETS: dict[str, DatasetEntry] = {}
@@ -138,15 +155,28 @@ def register_dataset(
     prepare: Callable[[DataConfig, int], None] | None = None,
     encoded: bool = False,
     count: Callable[[DataConfig], int | None] | None = None,
+    *,
+    label_names: tuple[str, ...] = (),
+    motion_labels: tuple[str, ...] = (),
+    subset: Callable[[BaseDataset], np.ndarray] | None = None,
+    subset_of: str = "",
+    groups: Callable[[BaseDataset], np.ndarray] | None = None,
 ):
     """Decorator for a function ``(DataConfig, img_size) -> BaseDataset`` that opens data set ``name``;
     ``encoded``: its data sets also hand out each image's file bytes (``data.decode`` reduced or device);
-    ``count``: the number of samples without listing or converting anything (for a dry run)."""
+    ``count``: the number of samples without listing or converting anything (for a dry run); the rest
+    say how probes and evaluations read it (``DatasetEntry``)."""
+    if subset is not None and not subset_of:
+        raise ValueError(f"data set {name!r}: a subset needs subset_of, what it is for, for messages")
+    if not set(motion_labels) <= set(label_names):
+        raise ValueError(f"data set {name!r}: motion_labels must be among label_names")
 
     def decorator(fn: Callable[[DataConfig, int], BaseDataset]) -> Callable[[DataConfig, int], BaseDataset]:
         if name in _DATASETS:
             raise ValueError(f"data set {name!r} is registered twice")
-        _DATASETS[name] = DatasetEntry(fn, prepare, encoded, count)
+        _DATASETS[name] = DatasetEntry(
+            fn, prepare, encoded, count, label_names, motion_labels, subset, subset_of, groups
+        )
         return fn
 
     return decorator
@@ -161,6 +191,38 @@ def count_samples(cfg: DataConfig) -> int | None:
 
 def dataset_names() -> list[str]:
     return sorted(_DATASETS)
+
+
+def label_names(name: str) -> tuple[str, ...]:
+    """The names of data set ``name``'s label columns, in order; () where they have none (classes)."""
+    return _DATASETS[name].label_names
+
+
+def motion_labels(name: str) -> tuple[str, ...]:
+    """The labels of data set ``name`` that are rates of change, which no single image shows."""
+    return _DATASETS[name].motion_labels
+
+
+def probe_subset(name: str, dataset: BaseDataset, setting: str, *, required: bool = True) -> np.ndarray:
+    """Indices of the samples of ``dataset`` (data set ``name``) that a probe or an evaluation reads.
+
+    A data set without such a subset gives every sample when not ``required``; when ``required``
+    it is a ConfigError naming ``setting``, the option that asked for the subset.
+    """
+    subset = _DATASETS[name].subset
+    if subset is not None:
+        return subset(dataset)
+    if not required:
+        return np.arange(len(dataset))
+    kinds = " or ".join(entry.subset_of for entry in _DATASETS.values() if entry.subset is not None)
+    raise ConfigError(f"{setting} is for {kinds}, and this data set is not; remove {setting}")
+
+
+def sample_groups(name: str, dataset: BaseDataset) -> np.ndarray:
+    """A group id per sample of ``dataset`` (data set ``name``), for folds that never split a group;
+    the sample's index where the data set has no groups."""
+    groups = _DATASETS[name].groups
+    return np.arange(len(dataset)) if groups is None else np.asarray(groups(dataset))
 
 
 def encoded_dataset_names() -> list[str]:

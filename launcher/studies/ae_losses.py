@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from launcher.config import build_dataclass, read_yaml, to_dict
-from launcher.data import DataConfig, open_dataset, prepare
+from launcher.data import DataConfig, open_dataset, prepare, probe_subset, sample_groups
 from launcher.errors import ConfigError
 from launcher.experiment import ExperimentConfig
 from launcher.methods.autoencoders import PROCEDURES
@@ -61,7 +61,7 @@ class SweepDataset:
     test: DataConfig
     img_size: int = 64
     targets: tuple[int, ...] = ()  # regression: label columns to predict (LunarLander: x, y)
-    on_screen_only: bool = False  # LunarLander: predictor and test frames with the lander on screen
+    on_screen_only: bool = False  # predictor and test sets: the probe subset (LunarLander: the lander on screen)
     validation_fraction: float = 0.2
 
     def __post_init__(self) -> None:
@@ -188,12 +188,11 @@ def trial_experiment(sweep: SweepConfig, trial: dict[str, Any]) -> ExperimentCon
 
 def embed_set(model, data: DataConfig, spec: SweepDataset) -> tuple[np.ndarray, np.ndarray, Any]:
     """μ embeddings and labels (every column) of a whole set, no augmentation; (data set, kept indices)."""
-    from launcher.data.lunarlander import on_screen_indices
     from launcher.data.transforms import build_transform
     from launcher.embeddings import embed_dataset
 
     base = open_dataset(data, spec.img_size)
-    keep = on_screen_indices(base, "on_screen_only") if spec.on_screen_only else np.arange(len(base))
+    keep = probe_subset(data.name, base, "on_screen_only") if spec.on_screen_only else np.arange(len(base))
     model.eval()
     x, y = embed_dataset(
         model.embed, base, build_transform(data, spec.img_size, train=False), keep, next(model.parameters()).device
@@ -252,8 +251,7 @@ def run_trial(trial: dict[str, Any], trial_dir: Path, sweep: SweepConfig) -> dic
     # Split by the data set's own rule (LunarLander: whole episodes), among the kept samples.
     _, val_idx = base.split(spec.validation_fraction)
     is_val = np.isin(kept, val_idx)
-    frames = getattr(base, "frames", None)  # LunarLander: fold by episode
-    groups = np.asarray(frames.episodes)[kept] if frames is not None else np.arange(len(kept))
+    groups = sample_groups(spec.predictor.name, base)[kept]  # LunarLander: fold by episode
     probe = ridge_probe_scores(x, labels, test_x, test_labels, groups, spec, spec.predictor.name)
     y, test_y = labels, test_labels
     if spec.task == "regression":

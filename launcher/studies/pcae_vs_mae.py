@@ -478,7 +478,7 @@ def write_report(directory: Path) -> Path:
         "Per target (final points, mean over seeds):",
         "",
         "```",
-        describe(_final_scores(points, study, curves), names, study.cfg.probe.headline),
+        describe(_final_scores(points, study, curves), names, study.cfg.probe.headline, study.cfg.probe.data.name),
         "```",
         "",
         "![quality](quality.png)",

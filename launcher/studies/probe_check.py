@@ -59,5 +59,5 @@ def probe_check(probe_cfg: ProbeConfig, method_cfg, seed: int, out: TextIO) -> d
     scores[f"raw pixels ({side}), every pixel"] = other["tokens"].score_pixels()
     scores[f"raw pixels ({side}) as 8x8 patches, averaged and weighted"] = other["moments"].score_pixels()
     scores["one number: violet column moment"] = raw.score(column_moment)
-    out.write(describe(scores, probe.names, probe_cfg.headline) + "\n")
+    out.write(describe(scores, probe.names, probe_cfg.headline, probe_cfg.data.name) + "\n")
     return scores

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from launcher.data import DataConfig
-from launcher.data.lunarlander import LunarLanderFrames, generate_lunarlander
+from launcher.data.lunarlander import LunarLanderFrames
+from launcher.data.lunarlander_generate import generate_lunarlander
 from launcher.errors import ConfigError
 from launcher.evaluate import EvalConfig, build_eval_loader
 from tests.helpers import make_image_folder

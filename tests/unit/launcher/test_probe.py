@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launcher.data import DataConfig
-from launcher.data.lunarlander import generate_lunarlander
+from launcher.data.lunarlander_generate import generate_lunarlander
 from launcher.methods.vit import grid_pool
 from launcher.probe import (
     FoldRidge,
@@ -92,7 +92,9 @@ def test_a_held_out_test_set_is_scored_by_a_probe_fit_on_the_other_samples() -> 
 
 def test_the_table_puts_the_rates_no_single_frame_shows_after_a_bar() -> None:
     names = {0: "x", 1: "y", 2: "vx", 4: "angle"}
-    table = describe({"encoder": ProbeScore({0: 0.9, 1: 0.8, 2: 0.1, 4: 0.5}, (0, 1, 4))}, names, (0, 1, 4))
+    table = describe(
+        {"encoder": ProbeScore({0: 0.9, 1: 0.8, 2: 0.1, 4: 0.5}, (0, 1, 4))}, names, (0, 1, 4), "lunarlander"
+    )
     head, row = table.splitlines()
     assert head.split() == ["x", "y", "angle", "|", "vx", "mean", "of", "x,y,angle"]
     assert row.split() == ["encoder", "0.900", "0.800", "0.500", "|", "0.100", "0.733"]

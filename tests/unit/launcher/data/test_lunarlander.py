@@ -13,13 +13,9 @@ import pytest
 from gymnasium.envs.box2d.lunar_lander import heuristic
 from PIL import Image
 
-from launcher.data import lunarlander
-from launcher.data.lunarlander import (
-    STATE_FIELDS,
-    LunarLanderFrames,
-    episode_seeds,
-    generate_lunarlander,
-)
+from launcher.data import lunarlander_generate
+from launcher.data.lunarlander import LunarLanderFrames
+from launcher.data.lunarlander_generate import STATE_FIELDS, episode_seeds, generate_lunarlander
 from launcher.errors import ConfigError, DataError
 
 # Small episodes so a couple of hundred frames hold several of them.
@@ -46,7 +42,7 @@ def _write_fake(root: Path, states: np.ndarray, episodes: np.ndarray, size: int 
     steps = np.concatenate([np.arange(c) for c in np.unique(episodes, return_counts=True)[1]])
     np.save(root / "steps.npy", steps.astype(np.int32))
     meta = {
-        "format_version": lunarlander.FORMAT_VERSION,
+        "format_version": lunarlander_generate.FORMAT_VERSION,
         "num_frames": n,
         "size": size,
         "state_fields": list(STATE_FIELDS),
@@ -73,7 +69,7 @@ def test_files_shapes_dtypes_and_meta(dataset: Path) -> None:
     )
     for key in ("num_frames", "size", "agent", "seed", "max_episode_steps"):
         assert meta[key] == ARGS[key]
-    assert meta["num_workers"] == 1 and meta["format_version"] == lunarlander.FORMAT_VERSION
+    assert meta["num_workers"] == 1 and meta["format_version"] == lunarlander_generate.FORMAT_VERSION
     assert "created" in meta
     # Frames are real renders, not blank: sky (black), moon (white) and the purple lander.
     assert frames.min() == 0 and frames.max() == 255
@@ -189,7 +185,7 @@ def test_refuses_a_non_empty_directory_but_fills_an_empty_one(tmp_path: Path, ca
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with caplog.at_level(logging.INFO, logger="launcher.data.lunarlander"):
+    with caplog.at_level(logging.INFO, logger="launcher.data.lunarlander_generate"):
         generate_lunarlander(empty, 3, num_workers=1)
     assert len(LunarLanderFrames(empty)) == 3
     assert "3/3 frames (100%)" in caplog.text
@@ -197,7 +193,7 @@ def test_refuses_a_non_empty_directory_but_fills_an_empty_one(tmp_path: Path, ca
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = lunarlander._run_episode
+    real = lunarlander_generate._run_episode
     calls = []
 
     def fail_on_third(*args: object) -> object:
@@ -206,7 +202,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path: Path, monkeypatch: pyte
             raise RuntimeError("simulated crash")
         return real(*args)
 
-    monkeypatch.setattr(lunarlander, "_run_episode", fail_on_third)
+    monkeypatch.setattr(lunarlander_generate, "_run_episode", fail_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         generate_lunarlander(tmp_path / "d", 200, num_workers=1, max_episode_steps=20)
     assert len(calls) == 3
@@ -214,7 +210,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path: Path, monkeypatch: pyte
 
 
 def test_interrupted_pool_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = lunarlander._write_episode
+    real = lunarlander_generate._write_episode
     calls = []
 
     def fail_on_second(*args: object) -> int:
@@ -223,7 +219,7 @@ def test_interrupted_pool_generation_leaves_nothing(tmp_path: Path, monkeypatch:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(lunarlander, "_write_episode", fail_on_second)
+    monkeypatch.setattr(lunarlander_generate, "_write_episode", fail_on_second)
     with pytest.raises(KeyboardInterrupt):
         generate_lunarlander(tmp_path / "d", 200, num_workers=2, max_episode_steps=20)
     assert list(tmp_path.iterdir()) == []
