@@ -283,7 +283,9 @@ def test_a_momentum_horizon_means_the_same_share_of_any_run() -> None:
     # The same epochs at another batch size: the teacher's memory in samples (and epochs) is the same.
     steps_small, steps_large = 8 * 100, 8 * 25  # batch 32 vs 128 over 3,200 samples, 8 epochs
     memory = lambda m, batch: batch / (1 - m)  # noqa: E731  the samples a teacher averages over
-    assert memory(local.start_momentum(steps_small), 32) == pytest.approx(memory(local.start_momentum(steps_large), 128))
+    assert memory(local.start_momentum(steps_small), 32) == pytest.approx(
+        memory(local.start_momentum(steps_large), 128)
+    )
     assert PCAEConfig().start_momentum(186) == 0.9999  # without a horizon the momentum is as given
     with pytest.raises(ValueError, match="momentum_horizon"):
         PCAEConfig(momentum_horizon=0.0)
