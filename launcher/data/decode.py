@@ -39,8 +39,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from launcher.data import BadSample, EncodedImage
 from launcher.data.image_sets import IMAGE_ERRORS
+from launcher.data.registry import BadSample, EncodedImage
 from launcher.errors import DataError
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratios, as MAE uses them

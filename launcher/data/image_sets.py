@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from launcher.data import BadSample, BaseDataset, DataConfig, EncodedImage, register_dataset
+from launcher.data.registry import BadSample, BaseDataset, DataConfig, EncodedImage, register_dataset
 from launcher.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from launcher.data import BaseDataset, DataConfig, register_dataset
 from launcher.data.lunarlander_generate import (
     ARRAYS,
     FORMAT_VERSION,
@@ -27,6 +26,7 @@ from launcher.data.lunarlander_generate import (
     frame_size_for,
     generate_lunarlander,
 )
+from launcher.data.registry import BaseDataset, DataConfig, register_dataset
 from launcher.errors import DataError
 
 logger = logging.getLogger(__name__)

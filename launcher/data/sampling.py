@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from launcher.data import BadSample, BaseDataset
+from launcher.data.registry import BadSample, BaseDataset
 from launcher.errors import DataError
 from launcher.methods.seeding import seeded_host_rngs
 

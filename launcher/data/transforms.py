@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from launcher.data import DataConfig
+from launcher.data.registry import DataConfig
 
 
 def build_transform(cfg: DataConfig, img_size: int, train: bool = True) -> Callable:
