@@ -136,6 +136,17 @@ class TrainConfig:
                 f"train.micro_batch_size ({self.micro_batch_size})"
             )
 
+    def check_world(self, processes: int) -> int:
+        """The gradient accumulation steps on ``processes`` processes; a batch that does not divide fails."""
+        accumulation, remainder = divmod(self.global_batch_size, self.micro_batch_size * processes)
+        if remainder or not accumulation:
+            raise ConfigError(
+                f"train.global_batch_size ({self.global_batch_size}) is not a multiple of "
+                f"train.micro_batch_size x processes ({self.micro_batch_size} x {processes}); "
+                f"change one of them or the number of nodes/GPUs"
+            )
+        return accumulation
+
 
 class DivergedError(UserError):
     """The loss became NaN or infinite."""
@@ -220,13 +231,7 @@ class Schedule:
 
 def schedule(train: TrainConfig, optim: OptimConfig, processes: int, num_samples: int | None) -> Schedule:
     """The run's batch split, absolute lr and steps; ``num_samples`` None when the data set is not counted."""
-    accumulation, remainder = divmod(train.global_batch_size, train.micro_batch_size * processes)
-    if remainder or not accumulation:
-        raise ConfigError(
-            f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
-            f"train.micro_batch_size x processes ({train.micro_batch_size} x {processes}); "
-            f"change one of them or the number of nodes/GPUs"
-        )
+    accumulation = train.check_world(processes)
     steps_per_epoch = None if num_samples is None else num_samples // train.global_batch_size
     total = train.num_steps or (None if steps_per_epoch is None else train.num_epochs * steps_per_epoch)
     warmup = None if steps_per_epoch is None else round(optim.warmup_epochs * steps_per_epoch)
@@ -315,14 +320,7 @@ class Trainer:
         if acc.num_processes != expected:
             raise RuntimeError(f"WORLD_SIZE is {expected} but Accelerate sees {acc.num_processes} processes")
 
-        per_step = train.micro_batch_size * acc.num_processes
-        if train.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
-                f"train.micro_batch_size x processes ({train.micro_batch_size} x {acc.num_processes}); "
-                f"change one of them"
-            )
-        self.accumulation_steps = train.global_batch_size // per_step
+        self.accumulation_steps = train.check_world(acc.num_processes)
 
         torch.manual_seed(train.seed)  # model initialisation
         try:

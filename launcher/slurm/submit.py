@@ -192,20 +192,10 @@ class TrainingWork(Work):
         from launcher.tracking import check_trackers
 
         check_trackers(self.cfg.train, directory)
-        self.check_batch(res.nodes * res.tasks_per_node)
+        self.cfg.train.check_world(res.nodes * res.tasks_per_node)
         resuming = check_run_dir(directory, self.cfg, writable=False)
         check_unlocked(directory)
         return resuming
-
-    def check_batch(self, world: int) -> None:
-        """The global batch must divide over ``world`` processes."""
-        train = self.cfg.train
-        if train.global_batch_size % (train.micro_batch_size * world):
-            raise ConfigError(
-                f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
-                f"train.micro_batch_size x processes ({train.micro_batch_size} x {world}); "
-                f"change one of them or the number of nodes/GPUs"
-            )
 
     def missing(self, directory: Path, resuming: bool) -> list[UserError]:
         """Data sets this host cannot read (no data.root yet, say); a new run directory it cannot create."""
@@ -289,12 +279,7 @@ class StudyWork(Work):
         from launcher.studies.pcae_vs_mae import Study
 
         first = next(iter(self.study.contenders))
-        train, world = self.study.experiment_of(first, self.study.seeds[0]).train, res.nodes * res.tasks_per_node
-        if train.global_batch_size % (train.micro_batch_size * world):
-            raise ConfigError(
-                f"the study's train.global_batch_size ({train.global_batch_size}) is not a multiple "
-                f"of train.micro_batch_size x processes ({train.micro_batch_size} x {world})"
-            )
+        self.study.experiment_of(first, self.study.seeds[0]).train.check_world(res.nodes * res.tasks_per_node)
         return Study(self.study, directory).check()
 
     def write(self, directory: Path) -> None:
@@ -345,9 +330,8 @@ class SweepArrayWork(Work):
         if self.max_parallel is not None and self.max_parallel < 1:
             raise ConfigError(f"--max-parallel must be >= 1, got {self.max_parallel}")
         self.plan = plan(self.sweep, directory)
-        world = res.nodes * res.tasks_per_node
-        for name, cfg in self.plan.configs:
-            TrainingWork(cfg, Path(self.sweep.experiment), None, name).check_batch(world)
+        for _, cfg in self.plan.configs:
+            cfg.train.check_world(res.nodes * res.tasks_per_node)
         check_trackers(self.plan.configs[0][1].train, directory / "points")
         return self.plan.resuming
 
