@@ -286,7 +286,7 @@ class StudyWork(Work):
         return Path(self.study_dir or Path(profile.runs_dir) / "study" / self.study.name).resolve()
 
     def check(self, directory: Path, res: Resources) -> bool:
-        from launcher.studies.pcae_vs_mae import Study
+        from launcher.studies.compare import Study
 
         first = next(iter(self.study.contenders))
         train, world = self.study.experiment_of(first, self.study.seeds[0]).train, res.nodes * res.tasks_per_node
@@ -298,7 +298,7 @@ class StudyWork(Work):
         return Study(self.study, directory).check()
 
     def write(self, directory: Path) -> None:
-        from launcher.studies.pcae_vs_mae import Study
+        from launcher.studies.compare import Study
 
         Study(self.study, directory).write()
 
