@@ -34,6 +34,7 @@ import torch
 
 from launcher.config import build_dataclass, read_yaml, to_dict
 from launcher.errors import ConfigError
+from launcher.methods.registry import pretraining_methods
 from launcher.probe import ProbeConfig, ProbeScore, ProbeSet, target_names
 from launcher.stopping import StopRequest
 
@@ -50,7 +51,7 @@ class StudyConfig:
     name: str
     experiment: dict[str, Any]  # one experiment for every contender; its method section has no name
     # name -> "METHOD key=value ...": the method and the overrides of the experiment it trains with
-    contenders: dict[str, str] = field(default_factory=lambda: {"pcae": "pcae", "mae": "mae"})
+    contenders: dict[str, str] = field(default_factory=lambda: {name: name for name in pretraining_methods()})
     seeds: tuple[int, ...] = (0, 1, 2)
     budget_s: float = 300.0  # wall time of each pretraining run (one contender, one seed)
     steps: int = 0  # if > 0: every contender trains this many steps instead (equal steps, not equal time)
@@ -93,14 +94,19 @@ class StudyConfig:
         return experiment_from_dict(raw)
 
     def check_contenders(self) -> None:
-        """Every contender's experiment must load (a bad override fails before anything runs)."""
+        """Every contender's experiment must load and pretrain an encoder (a bad one fails before anything runs)."""
         for name, text in self.contenders.items():
             if not text.split():
                 raise ConfigError(f"contender {name!r} names no method: give 'METHOD key=value ...'")
             try:
-                self.experiment_of(name, self.seeds[0])
+                method = self.experiment_of(name, self.seeds[0]).method.name
             except ConfigError as e:
                 raise ConfigError(f"contender {name!r} ({text}): {e}") from None
+            if method not in pretraining_methods():
+                raise ConfigError(
+                    f"contender {name!r} ({text}): {method} pretrains no encoder to probe; "
+                    f"pretraining methods: {', '.join(pretraining_methods())}"
+                )
 
     def init_label(self, contender: str) -> str:
         """The random-init baseline of a contender: one per distinct encoder among the contenders.
