@@ -752,7 +752,7 @@ def probe_check(args: argparse.Namespace) -> int:
     demo = load_demo()
     method = load_experiment(shipped_experiment("pretrain/pcae_local")).method
     prepare(demo.probe.data, method.img_size)
-    from launcher.studies.pcae_vs_mae import parse_seeds
+    from launcher.studies.compare import parse_seeds
 
     for seed in parse_seeds(args.seeds) if args.seeds else (0,):
         check(demo.probe, method, seed, sys.stdout)
@@ -763,7 +763,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     import dataclasses
 
     from launcher.shipped import find_experiment
-    from launcher.studies import pcae_vs_mae
+    from launcher.studies import compare
 
     check_placement(args)
     if args.study == "probe-check":
@@ -774,18 +774,20 @@ def cmd_study(args: argparse.Namespace) -> int:
             "(`launch experiments` lists the shipped ones under study/)"
         )
     experiment = find_experiment(args.experiment or "study/pcae_vs_mae_local")
-    cfg = pcae_vs_mae.load_study(experiment)
+    cfg = compare.load_study(experiment)
     if args.budget:  # a wall-time budget replaces the file's, and its equal-steps budget if it has one
-        cfg = dataclasses.replace(cfg, budget_s=pcae_vs_mae.parse_budget(args.budget), steps=0)
+        cfg = dataclasses.replace(cfg, budget_s=compare.parse_budget(args.budget), steps=0)
     if args.seeds:
-        cfg = dataclasses.replace(cfg, seeds=pcae_vs_mae.parse_seeds(args.seeds))
+        cfg = dataclasses.replace(cfg, seeds=compare.parse_seeds(args.seeds))
     if args.cluster:
         from launcher.slurm.submit import StudyWork
 
         return on_slurm(args, StudyWork(cfg, experiment, args.study_dir))
-    study = pcae_vs_mae.Study(cfg, args.study_dir or Path("runs/study") / cfg.name)
+    study = compare.Study(cfg, args.study_dir or Path("runs/study") / cfg.name)
     if args.report:
-        path = pcae_vs_mae.write_report(study.directory)
+        from launcher.studies.compare_report import write_report
+
+        path = write_report(study.directory)
         print(path.read_text())
         return 0
     resuming = study.check()
@@ -798,7 +800,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         return 0
-    return pcae_vs_mae.run_locally(study, sys.stdout)
+    return compare.run_locally(study, sys.stdout)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

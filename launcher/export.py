@@ -82,12 +82,15 @@ def timm_model(method: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def timm_state_dict(state: dict[str, torch.Tensor], method: dict[str, Any], which: str) -> dict[str, torch.Tensor]:
-    """The encoder of a checkpoint's state dict under timm's keys, with its position embedding."""
+    """The encoder of a checkpoint's state dict under timm's keys, with its position embedding.
+
+    The run's recorded method (``method["name"]``) says where its encoder lies (its ``encoder_state``).
+    """
     from launcher.methods.pretrained import extract_encoder
     from launcher.methods.vit import sincos_pos_embed
 
     try:
-        encoder = extract_encoder(state, which)
+        encoder = extract_encoder(state, which, method["name"])
     except ValueError as e:
         raise ConfigError(f"cannot export this checkpoint's encoder: {e}") from None
     out = dict(encoder.state)

@@ -6,16 +6,17 @@ import signal
 from pathlib import Path
 
 from launcher import local_runs
-from launcher.data import prepare
+from launcher.data import DataConfig, prepare
 from launcher.experiment import ExperimentConfig
 from launcher.stopping import StopRequest, install_stop_handlers, signals_interrupt
 from launcher.tracking import check_trackers
 from launcher.trainer import FitResult, Trainer
 
 
-def prepare_data(cfg: ExperimentConfig) -> None:
-    """Make the run's data sets where this project makes them (LunarLander), before anything trains."""
-    for data in cfg.data_sets():
+def prepare_data(cfg: ExperimentConfig, *more: DataConfig) -> None:
+    """Make the run's data sets (and ``more``, read at its image size) where this project makes them
+    (LunarLander), before anything trains."""
+    for data in (*cfg.data_sets(), *more):
         prepare(data, cfg.method.img_size)
 
 

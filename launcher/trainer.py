@@ -1,7 +1,7 @@
 """One Accelerate training loop for every method.
 
-The trainer knows methods only through their contract (``forward(batch) -> {"loss",
-...}``, optional ``on_step_end(step, total_steps)``) and knows nothing of SLURM or Ray:
+The trainer knows methods only through their contract (``methods/protocol.py``: ``forward(batch)
+-> {"loss", ...}`` and optional hooks) and knows nothing of SLURM or Ray:
 whoever launches it sets the torch.distributed environment and passes a ``StopRequest``
 that its signal handlers set (``launcher/stopping.py``). Every schedule is a function of the global
 step, and the data pipeline is a function of (seed, epoch, index), so the state to
@@ -38,6 +38,7 @@ from launcher.embeddings import FeatureCache
 from launcher.errors import ConfigError, DataError, RunDirError, UserError
 from launcher.evaluate import build_eval_loader, evaluate
 from launcher.methods import build_method
+from launcher.methods.protocol import ChecksClasses, Initializes, NoWeightDecay, NumberedLayers, Predicts, StepHook
 from launcher.runs import (
     MetricsLog,
     last_evaluated_step,
@@ -276,12 +277,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
     """AdamW or LARS; no weight decay on biases, norms and other 1-D parameters; frozen parts left out.
 
     With ``layer_decay`` every group gets an ``lr_scale`` (timm's layer-wise decay, by the
-    method's ``group_matcher``). LARS adapts the step of matrices only, as MAE's does.
+    method's ``group_matcher``, ``protocol.NumberedLayers``). LARS adapts the step of matrices only, as MAE's does.
     ``fused``: AdamW's one-kernel CUDA implementation (the parameters must be on the GPU).
     """
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    skip = model.no_weight_decay() if isinstance(model, NoWeightDecay) else ()
     if cfg.layer_decay is not None:
-        if not hasattr(model, "group_matcher"):
+        if not isinstance(model, NumberedLayers):
             raise ConfigError(
                 "optim.layer_decay needs a method with numbered layers (finetune, linprobe); "
                 "set optim.layer_decay=null for this one"
@@ -328,21 +329,21 @@ class Trainer:
             # Initial weights (a fine-tuning's pretrained encoder) only for a run that starts now:
             # one that resumes finds them all in its checkpoint.
             self.resume_from = self.newest_valid_checkpoint()
-            if hasattr(model, "initialize") and self.resume_from is None:
+            if isinstance(model, Initializes) and self.resume_from is None:
                 model.initialize()
         except ValueError as e:  # e.g. a loss network or pretrained weights that are not on this machine
             raise ConfigError(f"cannot build method {cfg.method.name!r}: {e}") from None
         with acc.main_process_first():  # rank 0 first: SVHN converts its .mat files on first use
             base = open_dataset(cfg.data, cfg.method.img_size)
             classes = getattr(base, "classes", None)  # an image folder's class names: they define the labels
-            if classes is not None and hasattr(model, "check_classes"):
+            if classes is not None and isinstance(model, ChecksClasses):
                 try:
                     model.check_classes(classes)
                 except ValueError as e:
                     raise ConfigError(f"data.root {cfg.data.root}: {e}") from None
             self.eval_loader = None
             if cfg.eval.data is not None:
-                if not hasattr(model, "predict"):
+                if not isinstance(model, Predicts):
                     raise ConfigError(
                         f"method {cfg.method.name!r} has no predictions to evaluate; remove the eval section"
                     )
@@ -718,7 +719,7 @@ class Trainer:
         self.state.step += 1
         self.state.step_in_epoch += 1
         window.steps += 1
-        if hasattr(method, "on_step_end"):
+        if isinstance(method, StepHook):
             method.on_step_end(self.state.step, self.total_steps)
 
     def _check(self) -> dict[str, float]:

@@ -29,11 +29,12 @@ from timm.layers import resample_abs_pos_embed
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor, nn
 
-from .pretrained import EncoderChoice, PretrainedEncoder, load_pretrained
+from .pretrained import PretrainedEncoder, load_pretrained
+from .protocol import EncoderChoice
 from .registry import register_method
 from .seeding import seeded_host_rngs
 from .token_reduction import TokenReductionConfig
-from .vit import LayerNorm, ViTConfig, grid_pool, position_moments
+from .vit import LayerNorm, ViTConfig, grid_pool, position_moments, strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,13 @@ class ViTClassifier(nn.Module):
         """
         if self.cfg.pretrained:
             self.load_pretrained(load_pretrained(self.cfg.pretrained, self.cfg.pretrained_encoder))
+
+    @staticmethod
+    def encoder_state(state: dict[str, Tensor], which: EncoderChoice = "student") -> dict[str, Tensor]:
+        """The fine-tuned encoder's weights (``encoder.*``; its learnt ``pos_embed`` is the caller's)."""
+        if which == "teacher":
+            raise ValueError("a fine-tuned or probed classifier has no EMA teacher; take the student (the encoder)")
+        return strip_prefix(state, "encoder.")
 
     def load_pretrained(self, pretrained: PretrainedEncoder) -> None:
         """Copy a pretrained encoder in; a fine-tuned official file also brings its head."""

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from .protocol import EncoderChoice
 from .registry import register_method
-from .vit import MaskedViTConfig, Masking, batch_noise, gather_tokens, patchify, random_masking
+from .vit import MaskedViTConfig, Masking, batch_noise, gather_tokens, patchify, random_masking, strip_prefix
 
 
 @dataclass(kw_only=True)
@@ -57,6 +58,13 @@ class MAE(nn.Module):
         pred = self.decoder(latent, masking.ids_keep, masking.ids_masked)
         target = gather_tokens(patchify(images, self.cfg.patch_size), masking.ids_masked)
         return {"loss": mae_loss(pred, target, self.cfg.norm_pix_loss)}
+
+    @staticmethod
+    def encoder_state(state: dict[str, Tensor], which: EncoderChoice = "student") -> dict[str, Tensor]:
+        """The encoder's weights (``encoder.*``) of an MAE checkpoint."""
+        if which == "teacher":
+            raise ValueError("this is an MAE checkpoint, which has no EMA teacher; take the student (the encoder)")
+        return strip_prefix(state, "encoder.")
 
     def patch_tokens(self, images: Tensor) -> Tensor:
         """The encoder's normalised patch tokens for all patches, in grid order ``[B, N, D]``."""

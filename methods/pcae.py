@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .protocol import EncoderChoice
 from .registry import register_method
 from .token_reduction import TokenReductionConfig
-from .vit import MaskedViTConfig, Masking, batch_noise, random_masking
+from .vit import MaskedViTConfig, Masking, batch_noise, random_masking, strip_prefix
 
 
 @dataclass(kw_only=True)
@@ -157,6 +158,11 @@ class PCAE(nn.Module):
         m = ema_momentum(step, total_steps, self.cfg.start_momentum(total_steps), self.cfg.momentum_final)
         if m < 1.0:
             torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), 1.0 - m)
+
+    @staticmethod
+    def encoder_state(state: dict[str, Tensor], which: EncoderChoice = "student") -> dict[str, Tensor]:
+        """The student's (``student.*``) or the EMA teacher's (``teacher.*``) weights of a PCAE checkpoint."""
+        return strip_prefix(state, f"{which}.")
 
     def patch_tokens(self, images: Tensor) -> Tensor:
         """The student's normalised patch tokens for all patches, in grid order ``[B, N, D]``."""

@@ -1,16 +1,14 @@
 """Read a pretrained ViT encoder out of a checkpoint: our own runs, or the official MAE release.
 
-Three layouts are recognised by their keys:
+Each method of this project knows where its encoder lies in its checkpoints (its
+``encoder_state``, ``protocol.HasEncoder``); a run's recorded ``method.name`` picks it. A file
+without its run (no name) is tried against each pretraining method's layout, then read as the
+official MAE release (``mae_pretrain_vit_base.pth`` and the ``checkpoint-N.pth`` files of its
+scripts): ``{"model": {...}}`` with timm ``VisionTransformer`` keys at the top level
+(``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.*``, ``norm.*``, and for
+fine-tuned files ``fc_norm.*`` and ``head.*``). Its decoder keys are ignored.
 
-- a PCAE run of this project: ``student.*`` and ``teacher.*`` (the EMA teacher), either of
-  which can be taken;
-- an MAE run of this project: ``encoder.*``;
-- the official MAE release (``mae_pretrain_vit_base.pth`` and the ``checkpoint-N.pth`` files
-  of its scripts): ``{"model": {...}}`` with timm ``VisionTransformer`` keys at the top level
-  (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.*``, ``norm.*``, and for
-  fine-tuned files ``fc_norm.*`` and ``head.*``). Its decoder keys are ignored.
-
-Our ``ViTEncoder`` uses timm's ``Block``, so block keys are the same in all three. What
+Our ``ViTEncoder`` uses timm's ``Block``, so block keys are the same in all layouts. What
 differs is the position embedding: ours is rebuilt at construction, while an official file
 carries the one it was trained with, which is returned separately for the caller to use.
 """
@@ -21,12 +19,13 @@ import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-EncoderChoice = Literal["student", "teacher"]
+from .protocol import EncoderChoice, HasEncoder, HasTeacher
+from .registry import get_method, pretraining_methods
+
 ENCODER_KEYS = re.compile(r"^(cls_token|patch_embed\.proj\.(weight|bias)|blocks\.\d+\..+|norm\.(weight|bias))$")
 HEAD_KEYS = re.compile(r"^(fc_norm|head)\.(weight|bias)$")
 MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -87,18 +86,31 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return data
 
 
-def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+def _has_encoder(state: dict[str, Tensor]) -> bool:
+    return "patch_embed.proj.weight" in state and any(k.startswith("blocks.") for k in state)
 
 
-def extract_encoder(state: dict[str, Tensor], which: EncoderChoice = "student") -> PretrainedEncoder:
-    """The encoder of a state dict in any of the recognised layouts (see the module docstring)."""
-    if any(k.startswith("student.") for k in state):
-        source, inner = f"pcae {which}", _strip(state, f"{which}.")
-    elif any(k.startswith("encoder.") for k in state):
-        if which == "teacher":
-            raise ValueError("this is an MAE checkpoint, which has no EMA teacher; take the student (the encoder)")
-        source, inner = "mae", _strip(state, "encoder.")
+def _run_encoder(state: dict[str, Tensor], which: EncoderChoice, method: str) -> tuple[str, dict[str, Tensor]]:
+    """(source, weights) of the encoder of a run of ``method``, by that method's ``encoder_state``."""
+    cls = get_method(method).cls
+    if not issubclass(cls, HasEncoder):
+        raise ValueError(f"method {method!r} has no encoder to take out of its checkpoints")
+    source = f"{method} {which}" if issubclass(cls, HasTeacher) else method
+    return source, cls.encoder_state(state, which)
+
+
+def _layout_of(state: dict[str, Tensor]) -> str | None:
+    """The pretraining method whose layout holds an encoder in ``state`` (a file read without its run)."""
+    return next((m for m in pretraining_methods() if _has_encoder(get_method(m).cls.encoder_state(state))), None)
+
+
+def extract_encoder(
+    state: dict[str, Tensor], which: EncoderChoice = "student", method: str | None = None
+) -> PretrainedEncoder:
+    """The encoder of a run of ``method`` (None: a pretraining method's layout, or an official MAE file)."""
+    method = method or _layout_of(state)
+    if method is not None:
+        source, inner = _run_encoder(state, which, method)
     elif "blocks.0.attn.qkv.weight" in state:
         if which == "teacher":
             raise ValueError("an official MAE checkpoint has no EMA teacher; take the student (the encoder)")
@@ -106,11 +118,11 @@ def extract_encoder(state: dict[str, Tensor], which: EncoderChoice = "student") 
     else:
         sample = ", ".join(sorted(state)[:6])
         raise ValueError(
-            f"unrecognised checkpoint layout (first keys: {sample}); expected a PCAE/MAE run of this project "
-            f"(student.*/teacher.*/encoder.*) or an official MAE file (blocks.*, patch_embed.*)"
+            f"unrecognised checkpoint layout (first keys: {sample}); expected a run of this project "
+            f"({', '.join(pretraining_methods())}) or an official MAE file (blocks.*, patch_embed.*)"
         )
     encoder = {k: v for k, v in inner.items() if ENCODER_KEYS.match(k)}
-    if "patch_embed.proj.weight" not in encoder or not any(k.startswith("blocks.") for k in encoder):
+    if not _has_encoder(encoder):
         raise ValueError(f"the {source} weights have no patch embedding or no blocks")
     head = {k: v for k, v in inner.items() if HEAD_KEYS.match(k)} or None
     pos_embed = inner.get("pos_embed") if source == "official MAE" else None

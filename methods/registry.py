@@ -1,7 +1,8 @@
 """A registry of training methods, keyed by name.
 
-A method is an ``nn.Module`` whose ``forward(batch)`` returns a dict with a scalar
-``"loss"``; it is registered together with the typed config dataclass that builds it::
+A method is an ``nn.Module`` that keeps the contract of ``protocol.py`` (``forward(batch)``
+returns a dict with a scalar ``"loss"``; optional hooks); it is registered together with the
+typed config dataclass that builds it::
 
     @register_method("mae", config=MAEConfig)
     class MAE(nn.Module):
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from torch import nn
+
+from .protocol import PretrainingMethod
 
 
 @dataclass
@@ -81,6 +84,11 @@ def register_method(name: str, *, config: type[MethodConfig]) -> Callable[[M], M
 
 def method_names() -> list[str]:
     return sorted(_METHODS)
+
+
+def pretraining_methods() -> list[str]:
+    """Methods that pretrain an encoder to probe and export (``protocol.PretrainingMethod``): a study's choices."""
+    return [name for name in method_names() if issubclass(_METHODS[name].cls, PretrainingMethod)]
 
 
 def get_method(name: str) -> MethodEntry:

@@ -114,6 +114,11 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of a state dict under ``prefix``, without it: one submodule's weights."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def grid_pool(tokens: Tensor, side: int, grid: int, ids: Tensor | None = None) -> Tensor:
     """Patch tokens of a ``side x side`` grid averaged over ``grid x grid`` cells: ``[B, grid*grid*D]``.
 

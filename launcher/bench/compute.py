@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from launcher.cpu_allocator import keep_freed_memory
 from launcher.methods import build_method, get_method
 from launcher.methods.autoencoders import PROCEDURES
+from launcher.methods.protocol import StepHook
 from launcher.trainer import OptimConfig, build_optimizer
 
 DEFAULT_BATCH = {"micro": 64, "tiny": 64, "small": 32, "base": 16, "large": 4, "huge": 2}
@@ -149,7 +150,7 @@ def step(c: Contender, batch: dict[str, torch.Tensor], device: torch.device, aut
     loss.backward()
     c.optimizer.step()
     c.optimizer.zero_grad(set_to_none=True)
-    if hasattr(c.model, "on_step_end"):
+    if isinstance(c.model, StepHook):
         c.model.on_step_end(1, 1000)
 
 

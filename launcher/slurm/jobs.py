@@ -186,7 +186,7 @@ class StudyJob(TrainingJob):
     """
 
     def work(self, study_dir: Path, stop: StopRequest) -> Progress:
-        from launcher.studies.pcae_vs_mae import STUDY_FILE, Study, load_study
+        from launcher.studies.compare import STUDY_FILE, Study, load_study
 
         return Progress(Study(load_study(study_dir / STUDY_FILE), study_dir).run(stop), None)
 

@@ -276,14 +276,14 @@ class StudyWork(Work):
         return Path(self.study_dir or Path(profile.runs_dir) / "study" / self.study.name).resolve()
 
     def check(self, directory: Path, res: Resources) -> bool:
-        from launcher.studies.pcae_vs_mae import Study
+        from launcher.studies.compare import Study
 
         first = next(iter(self.study.contenders))
         self.study.experiment_of(first, self.study.seeds[0]).train.check_world(res.nodes * res.tasks_per_node)
         return Study(self.study, directory).check()
 
     def write(self, directory: Path) -> None:
-        from launcher.studies.pcae_vs_mae import Study
+        from launcher.studies.compare import Study
 
         Study(self.study, directory).write()
 

@@ -101,7 +101,7 @@ def test_method_argument_must_match_the_file() -> None:
 def test_the_demo_and_study_files_load() -> None:
     from launcher.demo import load_demo
     from launcher.shipped import find_experiment
-    from launcher.studies.pcae_vs_mae import load_study
+    from launcher.studies.compare import load_study
 
     demo = load_demo()
     assert find_experiment(demo.linprobe).is_file() and demo.probe.data.generate_seed not in (0, 1)

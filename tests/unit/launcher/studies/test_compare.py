@@ -1,4 +1,4 @@
-"""The PCAE-vs-MAE study: a plan from timing, points that are a function of the seeds, resume."""
+"""Contenders compared (the PCAE-vs-MAE study): a plan from timing, points that are a function of the seeds, resume."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import yaml
 
 from launcher.errors import ConfigError
 from launcher.methods import build_method
-from launcher.studies import pcae_vs_mae
-from launcher.studies.pcae_vs_mae import PLAN, POINTS, Study, load_study
+from launcher.studies.compare import PLAN, POINTS, Study, load_study
+from launcher.studies.compare_report import write_report
 
 
 def tiny_study(tmp_path: Path, **changes) -> Path:
@@ -149,7 +149,7 @@ def test_the_report_has_the_table_the_plot_and_the_verdict(tmp_path: Path) -> No
     recorded_plan(study.directory)
     study.write()
     assert study.run()
-    report = pcae_vs_mae.write_report(study.directory).read_text()
+    report = write_report(study.directory).read_text()
     assert "| pcae | 4 |" in report and "| mae | 4 |" in report and "| random init | 0 |" in report
     assert "MAE's final score" in report and (study.directory / "quality.png").stat().st_size > 10_000
     assert "| pcae teacher | 4 |" in report and "against its random init" in report

@@ -9,7 +9,8 @@ same number of steps (``steps``). The plan is recorded in ``STUDY/plan.json``: l
 study reuse it, so its points are a function of the seeds. At fixed fractions of each run the
 encoder (and PCAE's EMA teacher) is probed on held-out data (``launcher/probe.py``), next to the
 same probe of the encoder at its random initialisation and of raw pixels. ``STUDY/points.jsonl``
-holds every point, ``STUDY/report.md`` the table and ``STUDY/quality.png`` the curves. A killed
+holds every point, ``STUDY/report.md`` the table and ``STUDY/quality.png`` the curves
+(``compare_report.py``). A killed
 study resumes: finished points are kept, each run resumes from its newest checkpoint.
 
 A study file (``experiments/study/*.yaml``) holds one experiment shared by every contender (the
@@ -33,7 +34,8 @@ import torch
 
 from launcher.config import build_dataclass, read_yaml, to_dict
 from launcher.errors import ConfigError
-from launcher.probe import ProbeConfig, ProbeScore, ProbeSet, describe, target_names
+from launcher.methods.registry import pretraining_methods
+from launcher.probe import ProbeConfig, ProbeScore, ProbeSet, target_names
 from launcher.stopping import StopRequest
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class StudyConfig:
     name: str
     experiment: dict[str, Any]  # one experiment for every contender; its method section has no name
     # name -> "METHOD key=value ...": the method and the overrides of the experiment it trains with
-    contenders: dict[str, str] = field(default_factory=lambda: {"pcae": "pcae", "mae": "mae"})
+    contenders: dict[str, str] = field(default_factory=lambda: {name: name for name in pretraining_methods()})
     seeds: tuple[int, ...] = (0, 1, 2)
     budget_s: float = 300.0  # wall time of each pretraining run (one contender, one seed)
     steps: int = 0  # if > 0: every contender trains this many steps instead (equal steps, not equal time)
@@ -92,14 +94,19 @@ class StudyConfig:
         return experiment_from_dict(raw)
 
     def check_contenders(self) -> None:
-        """Every contender's experiment must load (a bad override fails before anything runs)."""
+        """Every contender's experiment must load and pretrain an encoder (a bad one fails before anything runs)."""
         for name, text in self.contenders.items():
             if not text.split():
                 raise ConfigError(f"contender {name!r} names no method: give 'METHOD key=value ...'")
             try:
-                self.experiment_of(name, self.seeds[0])
+                method = self.experiment_of(name, self.seeds[0]).method.name
             except ConfigError as e:
                 raise ConfigError(f"contender {name!r} ({text}): {e}") from None
+            if method not in pretraining_methods():
+                raise ConfigError(
+                    f"contender {name!r} ({text}): {method} pretrains no encoder to probe; "
+                    f"pretraining methods: {', '.join(pretraining_methods())}"
+                )
 
     def init_label(self, contender: str) -> str:
         """The random-init baseline of a contender: one per distinct encoder among the contenders.
@@ -231,12 +238,13 @@ class Study:
         (self.directory / STUDY_FILE).write_text(json.dumps(to_dict(self.cfg), indent=2))  # JSON is YAML
 
     def prepare_data(self) -> None:
-        from launcher.data import prepare
+        """Every contender's data sets, then the probe's, before anything trains."""
+        from launcher.local import prepare_data
 
-        for name in self.cfg.contenders:
-            cfg = self.cfg.experiment_of(name, self.cfg.seeds[0])
-            prepare(cfg.data, cfg.method.img_size)
-        prepare(self.cfg.probe.data, cfg.method.img_size)
+        *others, last = (self.cfg.experiment_of(name, self.cfg.seeds[0]) for name in self.cfg.contenders)
+        for cfg in others:
+            prepare_data(cfg)
+        prepare_data(last, self.cfg.probe.data)
 
     def plan(self, wait_s: float = 1800.0) -> dict[str, Any]:
         """The recorded plan, or a new one: rank 0 times the methods, the other ranks wait for its file."""
@@ -350,195 +358,6 @@ def describe_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def with_teachers(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The points, plus one point "NAME teacher" for each probe of a contender's EMA teacher."""
-    out = []
-    for p in points:
-        out.append(p)
-        if "teacher" in p:
-            out.append({**p, "encoder": f"{p['encoder']} teacher", "r2": p["teacher"]})
-    return out
-
-
-def summarise(points: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
-    """Per encoder, per step: mean and std over seeds of the headline R², seconds and FLOPs."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for p in with_teachers(points):
-        groups.setdefault((p["encoder"], p["step"]), []).append(p)
-    curves: dict[str, list[dict[str, float]]] = {}
-    for (encoder, step), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        scores = [r["r2"]["mean"] for r in runs]
-        curves.setdefault(encoder, []).append(
-            {
-                "step": step,
-                "n": len(runs),
-                "mean": statistics.fmean(scores),
-                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                "seconds": statistics.fmean(r["seconds"] for r in runs),
-                "flops": statistics.fmean(r["flops"] for r in runs),
-            }
-        )
-    return curves
-
-
-def first_reach(curve: list[dict[str, float]], level: float) -> float | None:
-    """The wall time at which a curve first reaches ``level``, linearly interpolated (None: never)."""
-    previous = {"seconds": 0.0, "mean": curve[0]["mean"]} if curve else None
-    for point in curve:
-        if point["mean"] >= level:
-            if previous is None or point["mean"] == previous["mean"] or previous is point:
-                return point["seconds"]
-            share = (level - previous["mean"]) / (point["mean"] - previous["mean"])
-            return previous["seconds"] + min(max(share, 0.0), 1.0) * (point["seconds"] - previous["seconds"])
-        previous = point
-    return None
-
-
-def ordered_encoders(study: StudyConfig, curves: dict[str, Any]) -> list[str]:
-    """Contenders (each followed by its teacher), then the random inits, then pixels: those with points."""
-    names = [n for c in study.contenders for n in (c, f"{c} teacher")]
-    inits = sorted({study.init_label(c) for c in study.contenders}, key=len)
-    return [n for n in (*names, *inits, PIXELS) if n in curves]
-
-
-def verdicts(study: StudyConfig, curves: dict[str, list[dict[str, float]]]) -> list[str]:
-    """In words: each contender against its own random initialisation, and whether longer helped."""
-    lines = []
-    for name in study.contenders:
-        init_curve = curves.get(study.init_label(name))
-        if name not in curves or not init_curve:
-            continue
-        final, first, init = curves[name][-1], curves[name][0], init_curve[0]
-        gain = final["mean"] - init["mean"]
-        spread = max(final["std"], init["std"])
-        if final["n"] < 2:
-            word = "one seed: no spread to judge the gain by"
-        elif abs(gain) <= 2 * spread:
-            word = "within twice the seeds' spread: no clear change"
-        else:
-            word = "better than its initialisation" if gain > 0 else "worse than its initialisation"
-        trend = ""
-        if len(curves[name]) > 1:
-            change = final["mean"] - first["mean"]
-            trend = f"; from step {first['step']} to {final['step']} {change:+.3f}"
-        lines.append(
-            f"- {name}: {final['mean']:.3f} ± {final['std']:.3f} after {final['step']} steps, "
-            f"{gain:+.3f} against its random init ({init['mean']:.3f} ± {init['std']:.3f}): {word}{trend}."
-        )
-    if {"pcae", "mae"} <= set(study.contenders) and "pcae" in curves and "mae" in curves:
-        mae = curves["mae"][-1]
-        reached = first_reach(curves["pcae"], mae["mean"])
-        lines.append(
-            f"- MAE's final score, {mae['mean']:.3f} after {mae['seconds']:.0f} s: "
-            + (
-                f"PCAE first reaches it after {reached:.0f} s ({reached / mae['seconds']:.2f} of MAE's time)."
-                if reached is not None
-                else f"PCAE does not reach it within its budget (its best: "
-                f"{max(c['mean'] for c in curves['pcae']):.3f})."
-            )
-        )
-    return lines
-
-
-def write_report(directory: Path) -> Path:
-    """``STUDY/report.md`` and ``STUDY/quality.png`` from ``STUDY/points.jsonl``."""
-    study = Study(load_study(directory / STUDY_FILE), directory)
-    points, plan = study.points(), json.loads((directory / PLAN).read_text())
-    if not points:
-        raise ConfigError(f"{directory} has no probe points yet: run `launch study` on it first")
-    curves = summarise(points)
-    names = target_names(study.cfg.probe.data.name, study.cfg.probe.targets)
-    headline = ", ".join(names[t] for t in study.cfg.probe.headline)
-    budget = "equal steps" if plan.get("steps") else "equal wall time"
-    lines = [
-        f"# Contenders at {budget}: {directory.name}",
-        "",
-        "Contenders: " + "; ".join(f"`{n}`: `{text}`" for n, text in study.cfg.contenders.items()),
-        "",
-        describe_plan(plan),
-        "",
-        f"Probe: ridge on frozen embeddings ({study.cfg.probe.describe_readout()}) of held-out episodes; "
-        f"test R², the mean over {headline}; mean ± std over seeds.",
-        "",
-        "| encoder | step | wall time (s) | TFLOP | mean R² | seeds |",
-        "|---|---|---|---|---|---|",
-    ]
-    for encoder in ordered_encoders(study.cfg, curves):
-        for c in curves[encoder]:
-            lines.append(
-                f"| {encoder} | {c['step']} | {c['seconds']:.0f} | {c['flops'] / 1e12:.1f} | "
-                f"{c['mean']:.3f} ± {c['std']:.3f} | {c['n']} |"
-            )
-    lines += ["", "A gain within the seeds' spread is no gain.", "", *verdicts(study.cfg, curves)]
-    lines += [
-        "",
-        "Per target (final points, mean over seeds):",
-        "",
-        "```",
-        describe(_final_scores(points, study, curves), names, study.cfg.probe.headline, study.cfg.probe.data.name),
-        "```",
-        "",
-        "![quality](quality.png)",
-        "",
-    ]
-    (directory / "report.md").write_text("\n".join(lines))
-    plot(curves, ordered_encoders(study.cfg, curves), directory / "quality.png", headline)
-    return directory / "report.md"
-
-
-def _final_scores(points: list[dict[str, Any]], study: Study, curves: dict[str, Any]) -> dict[str, ProbeScore]:
-    names = target_names(study.cfg.probe.data.name, study.cfg.probe.targets)
-    points = with_teachers(points)
-    scores = {}
-    for encoder in ordered_encoders(study.cfg, curves):
-        last = curves[encoder][-1]["step"]
-        runs = [p for p in points if p["encoder"] == encoder and p["step"] == last]
-        r2 = {t: statistics.fmean(p["r2"][names[t]] for p in runs) for t in study.cfg.probe.targets}
-        scores[encoder] = ProbeScore(r2, study.cfg.probe.headline)
-    return scores
-
-
-def plot(curves: dict[str, list[dict[str, float]]], encoders: list[str], out: Path, headline: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    trained = [e for e in encoders if curves[e][-1]["step"] > 0]
-    baselines = [e for e in encoders if e not in trained]
-    colours = plt.get_cmap("tab10")
-    for ax, key, label in ((axes[0], "seconds", "training wall time (s)"), (axes[1], "flops", "training FLOPs")):
-        for i, encoder in enumerate(trained):
-            curve = curves[encoder]
-            xs = [c[key] for c in curve]
-            mean, std = [c["mean"] for c in curve], [c["std"] for c in curve]
-            style = "o--" if encoder.endswith(" teacher") else "o-"
-            ax.plot(xs, mean, style, color=colours(i % 10), label=encoder)
-            ax.fill_between(
-                xs,
-                [m - s for m, s in zip(mean, std)],
-                [m + s for m, s in zip(mean, std)],
-                color=colours(i % 10),
-                alpha=0.15,
-            )
-        for j, baseline in enumerate(baselines):
-            c = curves[baseline][0]
-            ax.axhline(
-                c["mean"], color="gray", linestyle=("--", ":", "-.")[min(j, 2)], label=f"{baseline} ({c['mean']:.3f})"
-            )
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"probe test R², mean over {headline}")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-
-
 def run_locally(study: Study, out) -> int:
     """The study on this machine: Ctrl-C or SIGTERM stops at the next step boundary, resumable."""
     import signal
@@ -556,6 +375,8 @@ def run_locally(study: Study, out) -> int:
     if not study.run(stop, say):
         say(f"stopped; run the same command to resume the study in {study.directory}")
         return 0
+    from launcher.studies.compare_report import write_report
+
     report = write_report(study.directory)
     say(report.read_text())
     say(f"written to {report} and {study.directory / 'quality.png'}")
