@@ -369,10 +369,13 @@ def check_placement(args: argparse.Namespace) -> None:
             )
 
 
-def on_slurm(args: argparse.Namespace, work) -> int:
-    """Every command that runs on SLURM ends here: one plan, printed (--dry-run) or submitted."""
-    from launcher.slurm.submit import Request, submit
+def run_work(args: argparse.Namespace, work) -> int:
+    """Every command that runs a job ends here: on this machine, or one plan for SLURM (printed or submitted)."""
+    from launcher.slurm.submit import Request
+    from launcher.work import run_work as run
 
+    if not args.cluster:
+        return run(work, None, getattr(args, "dry_run", False))
     max_requeues = getattr(args, "max_requeues", None)
     request = Request(
         args.cluster,
@@ -383,19 +386,7 @@ def on_slurm(args: argparse.Namespace, work) -> int:
         10 if max_requeues is None else max_requeues,
         profile=getattr(args, "profile", None),
     )
-    submission = submit(work, request, dry_run=getattr(args, "dry_run", False))
-    text = getattr(args, "profile_note", "") + submission.text
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    print_problems("a real submission from this machine", submission.problems)
-    return 0
-
-
-def print_problems(what: str, problems: list[str]) -> None:
-    """After a dry run's output: what the real command would refuse on, so it can be fixed first."""
-    if problems:
-        sys.stdout.flush()
-        fix = "".join(f"  - {problem}\n" for problem in problems)
-        print(f"dry run only: {what} would refuse until these are fixed:\n{fix}", end="", file=sys.stderr)
+    return run(work, request, getattr(args, "dry_run", False), note=getattr(args, "profile_note", ""))
 
 
 def pretrain_experiment(args: argparse.Namespace) -> Path:
@@ -431,17 +422,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     experiment = pretrain_experiment(args)
     grid = sweeps.parse_grid(args.grid, args.max_points)
     sweep = sweeps.Sweep(args.method, str(experiment), list(args.overrides), grid)
-    if args.cluster:
-        from launcher.slurm.submit import SweepArrayWork
+    from launcher.work import SweepArrayWork
 
-        return on_slurm(args, SweepArrayWork(sweep, args.sweep_dir, args.max_parallel))
-    if args.max_parallel is not None:
-        raise ConfigError("--max-parallel limits a SLURM job array; --local trains one point at a time")
-    plan = sweeps.plan(sweep, args.sweep_dir or Path("runs") / sweep.default_name())
-    sys.stdout.write(plan.describe())
-    if args.dry_run:
-        return 0
-    return sweeps.run_locally(plan, sys.stdout)
+    return run_work(args, SweepArrayWork(sweep, args.sweep_dir, args.max_parallel))
 
 
 def cmd_downstream(args: argparse.Namespace) -> int:
@@ -480,7 +463,9 @@ def cmd_downstream(args: argparse.Namespace) -> int:
         run_dir = args.run_dir or default_run_dir(args.command, f"{source.name}-eval")
         check_run_dir(run_dir, cfg)
         if args.dry_run:
-            return print_dry_run(cfg, experiment, run_dir, False)
+            from launcher.work import TrainingWork
+
+            return TrainingWork(cfg, experiment, run_dir, run_dir).print_dry_run(run_dir, False, sys.stdout)
         return print_evaluation(cfg, run_dir)
     return launch_run(args, cfg, experiment, source.name)
 
@@ -494,55 +479,13 @@ def recorded_method(run_dir: Path | None) -> dict | None:
     return read_run_config(run_dir)["method"]
 
 
-def print_dry_run(cfg, experiment: Path, run_dir: Path, resuming: bool) -> int:
-    from launcher.config import dump_yaml
-    from launcher.data import data_problems
-    from launcher.trainer import planned_schedule
-
-    print(
-        f"# experiment: {experiment}\n# run directory: {run_dir}"
-        f"{' (exists: would resume)' if resuming else ''}\n"
-        f"# {planned_schedule(cfg, int(os.environ.get('WORLD_SIZE', '1'))).describe()}\n{dump_yaml(cfg)}",
-        end="",
-    )
-    print_problems("a real run on this machine", [str(e) for e in data_problems(cfg.data_sets())])
-    return 0
-
-
 def launch_run(args: argparse.Namespace, cfg, experiment: Path, label: str, demo: bool = False) -> int:
-    """Run ``cfg`` on this machine, or submit it as one SLURM job with ``--cluster``.
+    """Run ``cfg`` here, or as one SLURM job with ``--cluster``; by default in runs/COMMAND-LABEL-TIME."""
+    from launcher.runs import default_run_dir
+    from launcher.work import TrainingWork
 
-    The default run directory is named after the command, ``label`` and the time.
-    """
-    from launcher.runs import check_run_dir, default_run_dir
-
-    if args.cluster:
-        from launcher.slurm.submit import TrainingWork
-
-        return on_slurm(args, TrainingWork(cfg, experiment, args.run_dir, default_run_dir(args.command, label).name))
-    run_dir = args.run_dir or default_run_dir(args.command, label)
-    resuming = check_run_dir(run_dir, cfg)
-    if args.dry_run:
-        return print_dry_run(cfg, experiment, run_dir, resuming)
-    if demo:
-        from launcher.demo import run_demo
-
-        return run_demo(cfg, experiment, run_dir, resuming, sys.stdout)
-    from launcher.local import run_training
-    from launcher.runs import describe_eval, read_eval, resume_note
-
-    print(f"experiment {experiment}\nrun directory {run_dir}{resume_note(run_dir, resuming)}", flush=True)
-    _, result = run_training(cfg, run_dir)
-    if not result.finished:
-        print(
-            f"stopped at step {result.step}/{result.total_steps}; run the same command with "
-            f"--run-dir {run_dir} to resume"
-        )
-        return 0
-    print(f"finished {result.step} steps in {run_dir}")
-    if cfg.eval.data is not None:
-        print(describe_eval(read_eval(run_dir)))
-    return 0
+    work = TrainingWork(cfg, experiment, args.run_dir, default_run_dir(args.command, label), demo=demo)
+    return run_work(args, work)
 
 
 def print_evaluation(cfg, run_dir: Path) -> int:
@@ -575,8 +518,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         )
         return 0
     from launcher.data.lunarlander import generate_lunarlander
-    from launcher.local import STOP_SIGNALS
-    from launcher.stopping import signals_interrupt
+    from launcher.stopping import STOP_SIGNALS, signals_interrupt
 
     with signals_interrupt(STOP_SIGNALS):
         out = generate_lunarlander(
@@ -675,11 +617,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from launcher.slurm.submit import ResumeWork
+    from launcher.work import ResumeWork
 
     work = ResumeWork(args.run, args.max_requeues)
     args.cluster = work.record.get("cluster")
-    return on_slurm(args, work)
+    return run_work(args, work)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -725,20 +667,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     check_placement(args)
     experiment = find_experiment(args.experiment or "tune/ae_losses")
     sweep = ae_losses.load_sweep(experiment, args.dataset)
-    if args.cluster:
-        from launcher.slurm.submit import SweepWork
+    from launcher.work import SweepWork
 
-        return on_slurm(args, SweepWork(args.study, sweep, experiment, args.storage, args.resume))
-    storage = args.storage or Path("runs/tune")
-    path = sweep.directory(storage)
-    if args.resume and not path.exists():
-        raise ConfigError(f"--resume: there is no sweep at {path} to resume; run without --resume to start it")
-    print(f"sweep {sweep.name}: {sweep.num_trials} trials from {experiment}, in {path}", flush=True)
-    if args.dry_run:
-        return 0
-    ae_losses.run(sweep, storage, args.address)
-    print(f"done; `launch report {path}` writes the table and plots")
-    return 0
+    return run_work(args, SweepWork(args.study, sweep, experiment, args.storage, args.resume, args.address))
 
 
 def probe_check(args: argparse.Namespace) -> int:
@@ -779,28 +710,15 @@ def cmd_study(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, budget_s=compare.parse_budget(args.budget), steps=0)
     if args.seeds:
         cfg = dataclasses.replace(cfg, seeds=compare.parse_seeds(args.seeds))
-    if args.cluster:
-        from launcher.slurm.submit import StudyWork
+    from launcher.work import StudyWork
 
-        return on_slurm(args, StudyWork(cfg, experiment, args.study_dir))
-    study = compare.Study(cfg, args.study_dir or Path("runs/study") / cfg.name)
-    if args.report:
+    work = StudyWork(cfg, experiment, args.study_dir)
+    if args.report and not args.cluster:
         from launcher.studies.compare_report import write_report
 
-        path = write_report(study.directory)
-        print(path.read_text())
+        print(write_report(args.study_dir or Path("runs/study") / cfg.name).read_text())
         return 0
-    resuming = study.check()
-    print(
-        f"study {cfg.name} from {experiment} in {study.directory}{' (resuming)' if resuming else ''}: "
-        f"{len(cfg.seeds)} seeds x {len(cfg.contenders)} contenders x "
-        + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.budget_s:.0f} s of training")
-        + " each",
-        flush=True,
-    )
-    if args.dry_run:
-        return 0
-    return compare.run_locally(study, sys.stdout)
+    return run_work(args, work)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

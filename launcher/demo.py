@@ -23,12 +23,12 @@ from launcher import sources
 from launcher.config import build_dataclass, read_yaml
 from launcher.data import prepare
 from launcher.experiment import ExperimentConfig, load_experiment
-from launcher.local import STOP_SIGNALS, run_training
+from launcher.local import run_training
 from launcher.methods import build_method
 from launcher.probe import ProbeConfig, ProbeSet, describe, target_names
 from launcher.runs import CONFIG, describe_eval, read_eval, resume_note
 from launcher.shipped import experiment_label, find_experiment, shipped_experiment
-from launcher.stopping import Interrupted, signals_interrupt
+from launcher.stopping import STOP_SIGNALS, Interrupted, signals_interrupt
 
 
 @dataclass

@@ -18,7 +18,7 @@ from launcher.data import CHANNELS, DataConfig
 from launcher.errors import ConfigError
 from launcher.evaluate import EvalConfig
 from launcher.methods import MethodConfig, UnknownMethodError, get_method, method_names
-from launcher.trainer import OptimConfig, TrainConfig
+from launcher.optim import OptimConfig, TrainConfig
 
 
 @dataclass

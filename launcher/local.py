@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 from launcher import local_runs
 from launcher.data import DataConfig, prepare
 from launcher.experiment import ExperimentConfig
-from launcher.stopping import StopRequest, install_stop_handlers, signals_interrupt
+from launcher.stopping import STOP_SIGNALS, StopRequest, install_stop_handlers, signals_interrupt
 from launcher.tracking import check_trackers
 from launcher.trainer import FitResult, Trainer
 
@@ -18,9 +17,6 @@ def prepare_data(cfg: ExperimentConfig, *more: DataConfig) -> None:
     (LunarLander), before anything trains."""
     for data in (*cfg.data_sets(), *more):
         prepare(data, cfg.method.img_size)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 def run_training(cfg: ExperimentConfig, run_dir: Path) -> tuple[Trainer, FitResult]:

@@ -58,6 +58,8 @@ def install_stop_handlers(
 # handlers: without it, a preemption's USR2 in the seconds Python and submitit take to start
 # kills the task (the default action) with nothing recorded and no requeue. Blocked signals stay
 # pending across exec and are delivered the moment they are released.
+# What stops a run on this machine: Ctrl-C, SIGTERM (kill, `launch cancel`) and SIGUSR2 (as SLURM sends).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 HELD_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 

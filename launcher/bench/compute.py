@@ -29,7 +29,7 @@ from launcher.cpu_allocator import keep_freed_memory
 from launcher.methods import build_method, get_method
 from launcher.methods.autoencoders import PROCEDURES
 from launcher.methods.protocol import StepHook
-from launcher.trainer import OptimConfig, build_optimizer
+from launcher.optim import OptimConfig, build_optimizer
 
 DEFAULT_BATCH = {"micro": 64, "tiny": 64, "small": 32, "base": 16, "large": 4, "huge": 2}
 
@@ -330,7 +330,8 @@ def bench_ae_losses(args: argparse.Namespace) -> int:
 
     from launcher.data import DataConfig, prepare
     from launcher.experiment import ExperimentConfig
-    from launcher.trainer import TrainConfig, Trainer
+    from launcher.optim import TrainConfig
+    from launcher.trainer import Trainer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

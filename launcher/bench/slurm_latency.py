@@ -70,7 +70,8 @@ def bench_slurm(args: argparse.Namespace) -> int:
     from launcher.runs import read_metrics
     from launcher.slurm.profiles import check_shared, load_profile, resolve_resources
     from launcher.slurm.records import read_launch
-    from launcher.slurm.submit import Request, TrainingWork, check_cluster, submit
+    from launcher.slurm.submit import Request, check_cluster, submit
+    from launcher.work import TrainingWork
 
     request = Request(args.cluster, nodes=args.nodes, time="10", max_requeues=10)
     profile = load_profile(args.cluster)
@@ -110,7 +111,7 @@ def bench_slurm(args: argparse.Namespace) -> int:
                 return metrics[-1]["step"] if metrics else 0
 
             start = time.monotonic()
-            job_id = submit(TrainingWork(cfg, Path("bench"), run, run.name), request).job_id
+            job_id = submit(TrainingWork(cfg, Path("bench"), run, run), request).job_id
             job_ids.append(job_id)
             started = Poll(job_id, timeout_s=300)
             started.until("allocated", lambda: started.state() == "RUNNING" or attempts())

@@ -1,7 +1,7 @@
 """ONE plan from a command to the cluster: a dry-run text, or a submitted, recorded job.
 
-Every command that runs on SLURM (``pretrain``, ``finetune``, ``linprobe``, ``tune``, ``resume``)
-describes its work (``TrainingWork``, ``ResumeWork``, ``SweepWork``) and calls ``submit`` once.
+Every kind of job (``launcher/work.py``: ``TrainingWork``, ``ResumeWork``, ``StudyWork``,
+``SweepArrayWork``, ``SweepWork``) describes itself through the ``Work`` interface below, and
 ``submit`` takes the same steps for all of them, in this order, so that bad input fails before
 anything is written or submitted: the profile and the flags that override it, the directory
 (shared by every node), the work's own checks (an existing run of another config, a batch that
@@ -10,6 +10,7 @@ read, a directory it cannot write) and the live cluster checks (``sbatch``, part
 A dry run renders the exact sbatch script whatever that second group finds, and lists it; a
 submission refuses on the first of them, then checks that no job is active in the directory, writes
 the work's files (``config.yaml`` / ``sweep.yaml``), submits the job, and writes ``launch.json``.
+This module holds only SLURM's mechanics: what a job is lives in ``launcher/work.py``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config import build_dataclass, dump_yaml, to_dict
+from launcher.config import to_dict
 from launcher.errors import ConfigError, RunDirError, UserError
 from launcher.slurm.control import check_not_active
-from launcher.slurm.jobs import RaySweepJob, StudyJob, TrainingJob
 from launcher.slurm.profiles import (
     ClusterProfile,
     Resources,
@@ -61,6 +61,10 @@ class Work:
 
     job_name: str
     max_requeues: int | None = None  # None: the request's
+
+    def run_here(self, dry_run: bool, out: Any) -> int:
+        """Run the work on this machine instead (or print its dry run)."""
+        raise ConfigError(f"{type(self).__name__} runs only as a SLURM job; pass --cluster")
 
     def directory(self, profile: ClusterProfile) -> Path:
         """Where the job's files go (absolute)."""
@@ -159,281 +163,6 @@ def submit(work: Work, request: Request, dry_run: bool = False) -> Submission:
         max_requeues,
     )
     return Submission(work.submitted_text(job_id, directory, resuming, res), job_id)
-
-
-# ----------------------------------------------------------------------------- the kinds of work
-
-
-def _allocation_line(res: Resources) -> str:
-    """The dry run's line of what the job asks for."""
-    return (
-        f"# cluster {res.cluster}: {res.nodes} node(s) x {res.tasks_per_node} task(s), "
-        f"partition {res.partition}, {res.time_min} min"
-    )
-
-
-def _follow_hints(directory: Path) -> str:
-    return f"  launch status {directory}\n  launch logs {directory} -f\n  launch cancel {directory}"
-
-
-class TrainingWork(Work):
-    """A training run (pretrain, finetune, linprobe): ``TrainingJob`` on every rank."""
-
-    def __init__(self, cfg: Any, experiment: Path, run_dir: Path | None, default_name: str) -> None:
-        self.cfg, self.experiment = cfg, experiment
-        self.run_dir, self.default_name = run_dir, default_name
-        self.job_name = f"launch-{cfg.method.name}"
-
-    def directory(self, profile: ClusterProfile) -> Path:
-        return Path(self.run_dir or Path(profile.runs_dir) / self.default_name).resolve()
-
-    def check(self, directory: Path, res: Resources) -> bool:
-        from launcher.runs import check_run_dir, check_unlocked
-        from launcher.tracking import check_trackers
-
-        check_trackers(self.cfg.train, directory)
-        self.cfg.train.check_world(res.nodes * res.tasks_per_node)
-        resuming = check_run_dir(directory, self.cfg, writable=False)
-        check_unlocked(directory)
-        return resuming
-
-    def missing(self, directory: Path, resuming: bool) -> list[UserError]:
-        """Data sets this host cannot read (no data.root yet, say); a new run directory it cannot create."""
-        from launcher.data import data_problems
-        from launcher.runs import check_writable
-
-        problems: list[UserError] = list(data_problems(self.cfg.data_sets()))
-        if not resuming:
-            try:
-                check_writable(directory)
-            except RunDirError as e:
-                problems.append(e)
-        return problems
-
-    def write(self, directory: Path) -> None:
-        """The data sets this project generates (on this host, before any node waits for them), then the config."""
-        from launcher.local import prepare_data
-        from launcher.runs import write_config
-
-        prepare_data(self.cfg)
-        write_config(directory, self.cfg)
-
-    def body(self, directory: Path, res: Resources, max_requeues: int) -> TrainingJob:
-        return TrainingJob(str(directory), res.gpus_per_node > 0, max_requeues)
-
-    def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
-        from launcher.trainer import planned_schedule
-
-        plan = planned_schedule(self.cfg, res.nodes * res.tasks_per_node)
-        return (
-            f"# experiment: {self.experiment}\n# run directory: {directory}"
-            f"{' (exists: would resume)' if resuming else ''}\n"
-            f"{_allocation_line(res)}\n# {plan.describe()}\n{dump_yaml(self.cfg)}# sbatch script\n{script}"
-        )
-
-    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
-        return (
-            f"submitted job {job_id} to {res.cluster} ({res.nodes} node(s), partition {res.partition})\n"
-            f"run directory {directory}{' (resuming)' if resuming else ''}\n{_follow_hints(directory)}"
-        )
-
-
-class ResumeWork(TrainingWork):
-    """``launch resume RUN``: the run's recorded config, profile and resources, submitted again."""
-
-    def __init__(self, run_dir: Path, max_requeues: int | None) -> None:
-        from launcher.experiment import experiment_from_dict
-        from launcher.runs import CONFIG, read_run_config
-
-        run_dir = Path(run_dir).resolve()
-        self.record = read_launch(run_dir)
-        if not (run_dir / CONFIG).is_file():
-            raise RunDirError(f"{run_dir} has no {CONFIG}; nothing to resume")
-        super().__init__(experiment_from_dict(read_run_config(run_dir)), run_dir / CONFIG, run_dir, run_dir.name)
-        self.max_requeues = self.record.get("max_requeues", 10) if max_requeues is None else max_requeues
-
-    def resources(self, request: Request) -> tuple[ClusterProfile, Resources]:
-        return (
-            build_dataclass(ClusterProfile, self.record["profile"], "recorded profile"),
-            Resources(**self.record["resources"]),
-        )
-
-    def write(self, directory: Path) -> None:
-        """Nothing: the run directory holds its config already."""
-
-    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
-        return f"submitted job {job_id}; run directory {directory} resumes from its newest checkpoint"
-
-
-class StudyWork(Work):
-    """A study (``launch study ... --cluster``): ``StudyJob`` on every rank, each of its runs on all of them."""
-
-    def __init__(self, study: Any, experiment: Path, directory: Path | None) -> None:
-        self.study, self.experiment, self.study_dir = study, experiment, directory
-        self.job_name = f"launch-study-{study.name}"
-
-    def directory(self, profile: ClusterProfile) -> Path:
-        return Path(self.study_dir or Path(profile.runs_dir) / "study" / self.study.name).resolve()
-
-    def check(self, directory: Path, res: Resources) -> bool:
-        from launcher.studies.compare import Study
-
-        first = next(iter(self.study.contenders))
-        self.study.experiment_of(first, self.study.seeds[0]).train.check_world(res.nodes * res.tasks_per_node)
-        return Study(self.study, directory).check()
-
-    def write(self, directory: Path) -> None:
-        from launcher.studies.compare import Study
-
-        Study(self.study, directory).write()
-
-    def body(self, directory: Path, res: Resources, max_requeues: int) -> StudyJob:
-        return StudyJob(str(directory), res.gpus_per_node > 0, max_requeues)
-
-    def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
-        budget = f"{self.study.steps} steps" if self.study.steps else f"{self.study.budget_s:.0f} s"
-        return (
-            f"# study {self.study.name} from {self.experiment}: {len(self.study.seeds)} seeds x "
-            f"{len(self.study.contenders)} contenders x {budget}\n# study directory: {directory}"
-            f"{' (exists: would resume)' if resuming else ''}\n"
-            f"{_allocation_line(res)}\n# sbatch script\n{script}"
-        )
-
-    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
-        return (
-            f"submitted job {job_id} to {res.cluster} ({res.nodes} node(s), partition {res.partition}): "
-            f"study {self.study.name}{' (resuming)' if resuming else ''}\nstudy directory {directory}\n"
-            f"{_follow_hints(directory)}\n  launch study pcae-vs-mae --report --study-dir {directory}"
-        )
-
-
-class SweepArrayWork(Work):
-    """A pretraining grid (``launch sweep pretrain``): its unfinished points as ONE job array.
-
-    Each task of the array is a normal training run of one point's directory (``TrainingJob``):
-    the same nodes per task, preemption and requeue as ``launch pretrain``; ``--max-parallel K``
-    runs at most K points at once (``--array=...%K``).
-    """
-
-    def __init__(self, sweep: Any, sweep_dir: Path | None, max_parallel: int | None) -> None:
-        self.sweep, self.sweep_dir, self.max_parallel = sweep, sweep_dir, max_parallel
-        self.job_name = f"launch-sweep-{sweep.method}"
-        self.plan = None
-
-    def directory(self, profile: ClusterProfile) -> Path:
-        return Path(self.sweep_dir or Path(profile.runs_dir) / self.sweep.default_name()).resolve()
-
-    def check(self, directory: Path, res: Resources) -> bool:
-        from launcher.sweeps import plan
-        from launcher.tracking import check_trackers
-
-        if self.max_parallel is not None and self.max_parallel < 1:
-            raise ConfigError(f"--max-parallel must be >= 1, got {self.max_parallel}")
-        self.plan = plan(self.sweep, directory)
-        for _, cfg in self.plan.configs:
-            cfg.train.check_world(res.nodes * res.tasks_per_node)
-        check_trackers(self.plan.configs[0][1].train, directory / "points")
-        return self.plan.resuming
-
-    def nothing_to_do(self) -> str | None:
-        if self.plan is not None and not self.plan.pending:
-            return (
-                f"all {len(self.plan.configs)} points of {self.plan.directory} have finished; nothing submitted\n"
-                f"  launch report {self.plan.directory}"
-            )
-        return None
-
-    def array_size(self) -> int | None:
-        return len(self.plan.pending)
-
-    def write(self, directory: Path) -> None:
-        from launcher.local import prepare_data
-        from launcher.runs import write_config
-        from launcher.sweeps import point_dir
-
-        self.sweep.write(directory)
-        for name, cfg in self.plan.configs:
-            if name in self.plan.pending:
-                prepare_data(cfg)  # once per data set: prepared sets are found and kept
-                if not (point_dir(directory, name) / "config.yaml").is_file():
-                    write_config(point_dir(directory, name), cfg)
-
-    def body(self, directory: Path, res: Resources, max_requeues: int) -> list[TrainingJob]:
-        from launcher.sweeps import point_dir
-
-        return [
-            TrainingJob(str(point_dir(directory, name)), res.gpus_per_node > 0, max_requeues)
-            for name in self.plan.pending
-        ]
-
-    def sbatch_parameters(self, profile: ClusterProfile, res: Resources) -> dict[str, Any]:
-        params = sbatch_parameters(profile, res, self.job_name)
-        if self.max_parallel is not None:
-            params["array_parallelism"] = self.max_parallel
-        return params
-
-    def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
-        return f"{self.plan.describe()}{_allocation_line(res)} per point\n# sbatch script\n{script}"
-
-    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
-        return (
-            f"submitted job array {job_id} to {res.cluster}: {len(self.plan.pending)} point(s) of "
-            f"{res.nodes} node(s) each, partition {res.partition}{' (resuming)' if resuming else ''}\n"
-            f"sweep directory {directory}\n{_follow_hints(directory)}\n  launch report {directory}"
-        )
-
-
-SWEEP_MAX_REQUEUES = 10  # preemptions requeue the sweep job; each attempt restores the sweep
-
-
-class SweepWork(Work):
-    """A study's Ray Tune sweep on a Ray cluster of the job's nodes: ``RaySweepJob``, one task per node."""
-
-    max_requeues = SWEEP_MAX_REQUEUES
-
-    def __init__(self, study: str, sweep: Any, experiment: Path, storage: Path | None, resume: bool) -> None:
-        self.study, self.sweep, self.experiment = study, sweep, experiment
-        self.storage, self.resume = storage, resume
-        self.job_name = f"launch-tune-{sweep.name}"
-
-    def directory(self, profile: ClusterProfile) -> Path:
-        self.storage = Path(self.storage or profile.runs_dir).resolve()
-        check_shared(self.storage, "sweep storage (--storage)")
-        return self.sweep.directory(self.storage)
-
-    def check(self, directory: Path, res: Resources) -> bool:
-        resuming = self.sweep.check_directory(directory)
-        if self.resume and not resuming:
-            raise ConfigError(f"--resume: there is no sweep at {directory} to resume; run without --resume to start it")
-        return resuming
-
-    def write(self, directory: Path) -> None:
-        self.sweep.write(directory)
-
-    def body(self, directory: Path, res: Resources, max_requeues: int) -> RaySweepJob:
-        return RaySweepJob(self.study, str(directory), str(self.storage), res.gpus_per_node)
-
-    def sbatch_parameters(self, profile: ClusterProfile, res: Resources) -> dict[str, Any]:
-        """One task per node, holding all of its CPUs and GPUs."""
-        params = sbatch_parameters(profile, res, self.job_name)
-        params.update(ntasks_per_node=1, cpus_per_task=profile.cpus_per_task * res.tasks_per_node)
-        return params
-
-    def dry_run_text(self, directory: Path, resuming: bool, res: Resources, script: str) -> str:
-        return (
-            f"# sweep {self.sweep.name}: {self.sweep.num_trials} trials from {self.experiment}\n"
-            f"# sweep directory: {directory}{' (exists: would restore)' if resuming else ''}\n"
-            f"# cluster {res.cluster}: a Ray cluster of {res.nodes} node(s), partition {res.partition}, "
-            f"{res.time_min} min\n# sbatch script\n{script}"
-        )
-
-    def submitted_text(self, job_id: str, directory: Path, resuming: bool, res: Resources) -> str:
-        return (
-            f"submitted job {job_id} to {res.cluster} (a Ray cluster of {res.nodes} node(s), partition "
-            f"{res.partition}): sweep {self.sweep.name}, {self.sweep.num_trials} trials"
-            f"{' (restoring)' if resuming else ''}\nsweep directory {directory}\n{_follow_hints(directory)}\n"
-            f"  launch report {directory}   # once it has finished"
-        )
 
 
 # ----------------------------------------------------------------------------- what reaches the script

@@ -29,7 +29,7 @@ from launcher.data import DataConfig, open_dataset, prepare, probe_subset, sampl
 from launcher.errors import ConfigError
 from launcher.experiment import ExperimentConfig
 from launcher.methods.autoencoders import PROCEDURES
-from launcher.trainer import OptimConfig, TrainConfig
+from launcher.optim import OptimConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 

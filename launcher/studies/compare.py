@@ -167,7 +167,7 @@ def calibrate(study: StudyConfig) -> dict[str, Any]:
     from launcher.data.sampling import SeededDataset, collate
     from launcher.data.transforms import build_transform
     from launcher.methods import build_method
-    from launcher.trainer import build_optimizer
+    from launcher.optim import build_optimizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -356,28 +356,3 @@ def describe_plan(plan: dict[str, Any]) -> str:
             f"{entry['flops_per_step'] / 1e12:.2f} TFLOP/step; probed at steps {entry['probe_steps']}"
         )
     return "\n".join(lines)
-
-
-def run_locally(study: Study, out) -> int:
-    """The study on this machine: Ctrl-C or SIGTERM stops at the next step boundary, resumable."""
-    import signal
-
-    from launcher.stopping import install_stop_handlers
-
-    stop = StopRequest()
-    install_stop_handlers(stop, (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2))
-    study.write()
-
-    def say(text: str) -> None:
-        out.write(text + "\n")
-        out.flush()
-
-    if not study.run(stop, say):
-        say(f"stopped; run the same command to resume the study in {study.directory}")
-        return 0
-    from launcher.studies.compare_report import write_report
-
-    report = write_report(study.directory)
-    say(report.read_text())
-    say(f"written to {report} and {study.directory / 'quality.png'}")
-    return 0

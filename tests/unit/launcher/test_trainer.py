@@ -18,8 +18,9 @@ from launcher.experiment import experiment_from_dict
 from launcher.local import prepare_data
 from launcher.methods import build_method
 from launcher.methods.classifier import ClassifierConfig
+from launcher.optim import OptimConfig, build_optimizer, learning_rate
 from launcher.runs import read_metrics
-from launcher.trainer import DivergedError, OptimConfig, Trainer, build_optimizer, learning_rate
+from launcher.trainer import DivergedError, Trainer
 from tests.helpers import finetune_experiment, make_image_folder, tiny_experiment, write_stl10
 
 TINY = {"size": "micro", "img_size": 32, "patch_size": 8}

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from launcher.experiment import load_experiment
-from launcher.slurm.submit import Request, TrainingWork, submit
+from launcher.slurm.submit import Request, submit
+from launcher.work import TrainingWork
 from tests.helpers import GOLDEN, fake_slurm, launch
 
 
 def test_the_sbatch_script_matches_the_golden_file(monkeypatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")  # no SLURM: the dry run renders without asking it
     cfg = load_experiment(None, ["data.root=/"], method="pcae")
-    work = TrainingWork(cfg, Path("pcae.yaml"), Path("/shared/runs/pretrain-x"), "unused")
+    work = TrainingWork(cfg, Path("pcae.yaml"), Path("/shared/runs/pretrain-x"), Path("unused"))
     text = submit(work, Request("local-test", nodes=2), dry_run=True).text
     script = text.split("# sbatch script\n", 1)[1].replace(shlex.quote(sys.executable), "PYTHON")
     assert script == (GOLDEN / "pretrain_local-test_2nodes.sbatch").read_text()

@@ -9,8 +9,9 @@ import pytest
 
 from launcher.errors import ConfigError
 from launcher.shipped import experiments_dir
-from launcher.slurm.submit import Request, SweepWork, submit
+from launcher.slurm.submit import Request, submit
 from launcher.studies.ae_losses import load_sweep, trial_experiment
+from launcher.work import SweepWork
 from tests.helpers import GOLDEN, TINY_SWEEP, fake_slurm, launch
 
 TUNE_DIR = experiments_dir() / "tune"
