@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -243,9 +244,40 @@ def queue_state(job_id: str) -> str:
     return out.stdout.strip()
 
 
-def send_signal(job_id: str, name: str) -> None:
-    """``scancel --signal=NAME`` to every task of the job (what preemption does with USR2)."""
-    subprocess.run(["scancel", f"--signal={name}", job_id], check=True, timeout=60)
+def send_signal(job_id: str, name: str, timeout_s: float = 60.0) -> None:
+    """``scancel --signal=NAME`` to the job's running tasks, ONCE (what a preemption does with USR2).
+
+    scancel repeats a request that slurmctld answers with "Job can not be altered now" every 5 s
+    and more, for over a minute. SLURM 22.05 answers so for a task of a job array that still has
+    pending tasks although it HAS signalled the task; repeated, the signal would reach the task
+    again once it has requeued itself and restarted. So scancel is stopped at its first retry:
+    the signal reaches what runs now or nothing, as a preemption's does.
+    """
+    process = subprocess.Popen(
+        ["scancel", "--verbose", f"--signal={name}", job_id],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(timeout_s, process.kill)
+    watchdog.start()
+    try:
+        assert process.stderr is not None
+        messages = []
+        for line in process.stderr:
+            if "retrying" in line:  # "Job is in transitional state, retrying": the request was made
+                process.terminate()
+                process.wait()
+                return
+            messages.append(line.strip())
+        code = process.wait()
+    finally:
+        watchdog.cancel()
+    if code < 0:
+        raise SlurmError(f"scancel --signal={name} {job_id} did not answer in {timeout_s:.0f} s: is the controller up?")
+    if code != 0:
+        errors = [m for m in messages if "error" in m.lower()] or messages[-1:]
+        raise SlurmError(f"scancel --signal={name} {job_id} failed (exit {code}): {' '.join(errors)}")
 
 
 def cancel_jobs(job_ids: list[str], wait_s: float = 0.0) -> None:

@@ -94,12 +94,6 @@ def test_a_two_by_two_grid_is_one_array_and_is_not_retrained(shared: Path, capsy
     assert read_launch(sweep)["jobs"] == [array]
 
 
-@pytest.mark.xfail(
-    reason="on the local SLURM 22.05 cluster a preempted array task, once requeued, is signalled USR2 "
-    "again seconds after it restarts and its last attempt is recorded by SLURM as FAILED (exit 12); "
-    "a plain job is not. Its losses stay exact. Cause not found yet.",
-    strict=False,
-)
 def test_a_preempted_array_task_requeues_once_and_finishes(shared: Path, capsys) -> None:
     sweep = shared / "sweep-preempted"
     array = submit_array(sweep_command(shared, sweep), sweep, capsys)
