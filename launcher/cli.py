@@ -327,46 +327,16 @@ def slurm_flags_given(args: argparse.Namespace) -> list[str]:
 
 
 def check_placement(args: argparse.Namespace) -> None:
-    """--local and the SLURM flags exclude each other; SLURM flags without --cluster find the cluster.
-
-    ``launch pretrain pcae --nodes 4`` as typed: the profile ``$LAUNCH_CLUSTER`` names, or the one
-    user profile there is; else, where SLURM answers, the cluster described as ``launch cluster
-    init`` would describe it, for this submission only. Sets ``args.cluster`` and ``args.profile``.
-    """
+    """--local and the SLURM flags exclude each other; SLURM flags without --cluster find the cluster
+    (``discover.find_cluster``). Sets ``args.cluster``, ``args.profile`` and ``args.profile_note``."""
     slurm_flags = slurm_flags_given(args)
     args.profile, args.profile_note = None, ""
     if getattr(args, "local", False) and (args.cluster or slurm_flags):
         raise ConfigError(f"--local runs on this machine; drop {' '.join(slurm_flags) or '--cluster'} or --local")
     if slurm_flags and not args.cluster:
-        from launcher.slurm.discover import describe_cluster, profile_from, slurm_answers
-        from launcher.slurm.profiles import profile_names
+        from launcher.slurm.discover import find_cluster
 
-        flags = " ".join(slurm_flags)
-        user = profile_names(user_only=True)
-        if os.environ.get("LAUNCH_CLUSTER"):
-            args.cluster = os.environ["LAUNCH_CLUSTER"]
-        elif len(user) == 1:
-            args.cluster = user[0]
-        elif len(user) > 1:
-            raise ConfigError(
-                f"{flags} asks for a SLURM job and there are several cluster profiles ({', '.join(user)})"
-                f": pass --cluster NAME, or set LAUNCH_CLUSTER=NAME"
-            )
-        elif slurm_answers():
-            description = describe_cluster()
-            args.profile = profile_from(description, getattr(args, "partition", None))
-            args.cluster = description.name or "slurm"
-            args.profile_note = (
-                f"# no cluster profile: the cluster was described from what SLURM reports "
-                f"(partition {args.profile.partition}, runs_dir {args.profile.runs_dir}); "
-                f"`launch cluster init NAME` keeps it as a profile\n"
-            )
-        else:
-            raise ConfigError(
-                f"{flags} asks for a SLURM job, but there is no cluster profile and no SLURM answers "
-                f"on this machine (no working sinfo). Run on the cluster's login node, pass --cluster "
-                f"NAME or PATH.yaml, or drop {flags} (or pass --local) to run here"
-            )
+        args.cluster, args.profile, args.profile_note = find_cluster(slurm_flags, getattr(args, "partition", None))
 
 
 def run_work(args: argparse.Namespace, work) -> int:
@@ -431,6 +401,7 @@ def cmd_downstream(args: argparse.Namespace) -> int:
     """``launch finetune`` / ``launch linprobe``: a pretrained encoder, then the same run machinery."""
     from launcher import sources
     from launcher.experiment import experiment_from_dict, load_experiment
+    from launcher.runs import recorded_method
     from launcher.shipped import find_experiment
 
     check_placement(args)
@@ -468,15 +439,6 @@ def cmd_downstream(args: argparse.Namespace) -> int:
             return TrainingWork(cfg, experiment, run_dir, run_dir).print_dry_run(run_dir, False, sys.stdout)
         return print_evaluation(cfg, run_dir)
     return launch_run(args, cfg, experiment, source.name)
-
-
-def recorded_method(run_dir: Path | None) -> dict | None:
-    """The method section of ``run_dir``'s config, when it holds a run already."""
-    from launcher.runs import CONFIG, read_run_config
-
-    if run_dir is None or not (Path(run_dir) / CONFIG).is_file():
-        return None
-    return read_run_config(run_dir)["method"]
 
 
 def launch_run(args: argparse.Namespace, cfg, experiment: Path, label: str, demo: bool = False) -> int:
@@ -562,33 +524,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- operating SLURM runs
 
 
-def format_status(status: dict) -> str:
-    loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
-    step = "-" if status["step"] is None else str(status["step"])
-    if status.get("pid") is not None:  # a run of this machine
-        where = f"local run, pid {status['pid']} on {status['host']},"
-        step += f"/{status['total_steps']}" if status.get("total_steps") else ""
-    else:
-        where = f"job {status['job_id']} on {status['cluster']}"
-    line = f"{status['run_dir']}: {where} {status['state']}, step {step}, loss {loss}, restarts {status['restarts']}"
-    cost = status.get("cost") or {}
-    if cost.get("attempts"):
-        line += (
-            f"\n  cost: {cost['attempts']} attempt(s), {cost['wall_seconds'] / 3600:.3f} h wall time, "
-            f"{cost['node_hours']:.3f} node-hours, {cost.get('cpu_hours', 0.0):.3f} CPU-hours, "
-            f"{cost['gpu_hours']:.3f} GPU-hours"
-        )
-    source = status.get("source_cost")
-    if source and source.get("attempts"):
-        line += (
-            f"\n  with its source {source['run_dir']}: {cost.get('node_hours', 0) + source['node_hours']:.3f} "
-            f"node-hours, {cost.get('gpu_hours', 0) + source['gpu_hours']:.3f} GPU-hours in all"
-        )
-    if status["last_error"]:
-        line += f"\n  last error: {status['last_error']}"
-    return line
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from launcher.slurm import control
     from launcher.sweeps import is_sweep, summary, table
@@ -607,7 +542,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     code = 0
     for run in runs:
         try:
-            print(summary(run) if is_sweep(run) else format_status(control.run_status(run)))
+            print(summary(run) if is_sweep(run) else control.format_status(control.run_status(run)))
         except UserError as e:  # one damaged run does not hide the others
             if args.run:
                 raise
@@ -757,18 +692,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         description = discover.describe_cluster()
         profile = discover.profile_from(description, args.partition, runs_dir)
         text = discover.profile_text(profile, description)
-        tmp = path.with_suffix(".tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
-            tmp.replace(path)
-        except OSError as e:
-            if tmp.parent.is_dir():
-                tmp.unlink(missing_ok=True)
-            raise ConfigError(
-                f"cannot write the profile {path} ({e.strerror}); set LAUNCH_CLUSTERS to a folder you can "
-                f"write and run `launch cluster init {args.name}` again"
-            ) from None
+        profiles.write_profile(path, text, args.name)
         print(f"{text}\nwritten to {path}; submit with --cluster {args.name}")
         return 0
     names = [args.name] if args.name else profiles.profile_names()

@@ -172,6 +172,13 @@ def cannot_resume(run_dir: Path, blocked: Path, doing: str = "resume the run in"
     )
 
 
+def recorded_method(run_dir: Path | None) -> dict | None:
+    """The method section of ``run_dir``'s config, when it holds a run already."""
+    if run_dir is None or not (Path(run_dir) / CONFIG).is_file():
+        return None
+    return read_run_config(run_dir)["method"]
+
+
 def resume_note(run_dir: Path, resuming: bool) -> str:
     """What starting ``run_dir`` will do, for the user: resume it, or start over (say why)."""
     from launcher import checkpoint

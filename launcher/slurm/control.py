@@ -124,6 +124,34 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def format_status(status: dict[str, Any]) -> str:
+    """``run_status`` as ``launch status RUN`` prints it: where, state, step, loss, restarts, cost."""
+    loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
+    step = "-" if status["step"] is None else str(status["step"])
+    if status.get("pid") is not None:  # a run of this machine
+        where = f"local run, pid {status['pid']} on {status['host']},"
+        step += f"/{status['total_steps']}" if status.get("total_steps") else ""
+    else:
+        where = f"job {status['job_id']} on {status['cluster']}"
+    line = f"{status['run_dir']}: {where} {status['state']}, step {step}, loss {loss}, restarts {status['restarts']}"
+    cost = status.get("cost") or {}
+    if cost.get("attempts"):
+        line += (
+            f"\n  cost: {cost['attempts']} attempt(s), {cost['wall_seconds'] / 3600:.3f} h wall time, "
+            f"{cost['node_hours']:.3f} node-hours, {cost.get('cpu_hours', 0.0):.3f} CPU-hours, "
+            f"{cost['gpu_hours']:.3f} GPU-hours"
+        )
+    source = status.get("source_cost")
+    if source and source.get("attempts"):
+        line += (
+            f"\n  with its source {source['run_dir']}: {cost.get('node_hours', 0) + source['node_hours']:.3f} "
+            f"node-hours, {cost.get('gpu_hours', 0) + source['gpu_hours']:.3f} GPU-hours in all"
+        )
+    if status["last_error"]:
+        line += f"\n  last error: {status['last_error']}"
+    return line
+
+
 def source_cost(run_dir: Path) -> dict[str, Any] | None:
     """The cost of the run a fine-tuning or probe run started from (its ``method.pretrained``), if known."""
     from launcher.runs import CONFIG, read_run_config

@@ -8,12 +8,14 @@ here assumes a node or partition name.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.errors import ConfigError
 from launcher.slurm.profiles import ClusterProfile, SlurmError, commented_profile, home_dir, no_home
 
 UNLIMITED_MIN = 24 * 60  # the default --time of a partition without a time limit
@@ -227,3 +229,39 @@ def describe_text(description: ClusterDescription) -> str:
             f"{limit}" + (f", preempted by {', '.join(preempted_by)}" if preempted_by else "")
         )
     return "\n".join(lines)
+
+
+def find_cluster(slurm_flags: list[str], partition: str | None) -> tuple[str, ClusterProfile | None, str]:
+    """The cluster of ``launch pretrain pcae --nodes 4`` as typed (SLURM flags, no ``--cluster``).
+
+    The profile ``$LAUNCH_CLUSTER`` names, or the one user profile there is; else, where SLURM
+    answers, the cluster described as ``launch cluster init`` would describe it, for this
+    submission only. Returns (cluster name, that described profile or None, a note for the output).
+    """
+    from launcher.slurm.profiles import profile_names
+
+    flags = " ".join(slurm_flags)
+    user = profile_names(user_only=True)
+    if os.environ.get("LAUNCH_CLUSTER"):
+        return os.environ["LAUNCH_CLUSTER"], None, ""
+    if len(user) == 1:
+        return user[0], None, ""
+    if len(user) > 1:
+        raise ConfigError(
+            f"{flags} asks for a SLURM job and there are several cluster profiles ({', '.join(user)})"
+            f": pass --cluster NAME, or set LAUNCH_CLUSTER=NAME"
+        )
+    if slurm_answers():
+        description = describe_cluster()
+        profile = profile_from(description, partition)
+        note = (
+            f"# no cluster profile: the cluster was described from what SLURM reports "
+            f"(partition {profile.partition}, runs_dir {profile.runs_dir}); "
+            f"`launch cluster init NAME` keeps it as a profile\n"
+        )
+        return description.name or "slurm", profile, note
+    raise ConfigError(
+        f"{flags} asks for a SLURM job, but there is no cluster profile and no SLURM answers "
+        f"on this machine (no working sinfo). Run on the cluster's login node, pass --cluster "
+        f"NAME or PATH.yaml, or drop {flags} (or pass --local) to run here"
+    )

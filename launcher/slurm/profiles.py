@@ -288,3 +288,19 @@ def parse_time(text: str) -> int:
         return minutes + int(days or 0) * 24 * 60
     except ValueError:
         raise ConfigError(f"--time {text!r} is not minutes, H:MM:SS or D-HH:MM:SS") from None
+
+
+def write_profile(path: Path, text: str, name: str) -> None:
+    """Write a profile whole (a reader never sees half of it), or say where a writable one can go."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot write the profile {path} ({e.strerror}); set LAUNCH_CLUSTERS to a folder you can "
+            f"write and run `launch cluster init {name}` again"
+        ) from None
