@@ -254,20 +254,11 @@ def sbatch_parameters(profile: ClusterProfile, res: Resources, job_name: str) ->
     return params
 
 
-def _executor(folder: Path, max_requeues: int, render_only: bool = False):
+def _executor(folder: Path, max_requeues: int):
     from submitit.slurm.slurm import SlurmExecutor
 
     # Every task starts with the stop signals held until its job body has its handlers.
-    python = held_signals_python(sys.executable)
-    if render_only:  # the same executor, minus its check that srun exists
-
-        class RenderOnly(SlurmExecutor):
-            @classmethod
-            def affinity(cls) -> int:
-                return 1
-
-        return RenderOnly(folder, max_num_timeout=max_requeues, python=python)
-    return SlurmExecutor(folder, max_num_timeout=max_requeues, python=python)
+    return SlurmExecutor(folder, max_num_timeout=max_requeues, python=held_signals_python(sys.executable))
 
 
 def next_submission_folder(directory: Path) -> Path:
@@ -280,11 +271,10 @@ def next_submission_folder(directory: Path) -> Path:
 
 def render_sbatch(parameters: dict[str, Any], directory: Path, max_requeues: int, array: int | None = None) -> str:
     """The exact sbatch script a submission into ``directory`` would write now (``array`` tasks: a job array)."""
-    executor = _executor(next_submission_folder(directory), max_requeues, render_only=True)
-    executor.update_parameters(**parameters)
-    if array is not None and array > 1:
-        executor.parameters["map_count"] = array  # as submitit's own array submission sets it
-    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+    from launcher.slurm.script import sbatch_script
+
+    folder, python = next_submission_folder(directory), held_signals_python(sys.executable)
+    return sbatch_script(parameters, folder, python, array if array and array > 1 else None)  # submitit: 1 is a job
 
 
 def submit_recorded(

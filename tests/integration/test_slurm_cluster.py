@@ -116,7 +116,11 @@ def assert_same_losses(got: list[float], want: list[float]) -> None:
 
 
 def test_two_node_job_gives_the_losses_of_one_process(shared: Path, reference_losses: list[float], capsys) -> None:
+    submit(shared, "ddp", "--dry-run")
+    dry_run_script = capsys.readouterr().out.split("# sbatch script\n", 1)[1]
     run = submit(shared, "ddp")
+    # The dry run rendered the very script submitit wrote and SLURM ran.
+    assert (run / "slurm" / "sub1" / f"{job_id(run)}_submission.sh").read_text() == dry_run_script
     status = wait_for(run, TERMINAL, 120)
     assert status["state"] == "COMPLETED", status
     assert_same_losses(losses(run), reference_losses)
