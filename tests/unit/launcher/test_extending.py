@@ -1,4 +1,9 @@
-"""A pretraining method defined here, and nowhere else, trains, exports and enters a study: the protocol suffices."""
+"""A pretraining method and a labelled data set defined here, and nowhere else, pretrain, probe, export and
+enter a study: a new method is its module and its experiment, and so is a new data set.
+
+The method keeps ``methods/protocol.py``'s contract; the data set registers its label names, the
+samples a probe reads and the episodes its folds keep whole. Nothing outside this module changes.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +12,71 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from launcher.data import DataConfig
+from launcher.data import registry as data_registry
 from launcher.experiment import experiment_from_dict
 from launcher.export import export
 from launcher.local import prepare_data
 from launcher.methods import registry
 from launcher.methods.protocol import EncoderChoice, PretrainingMethod, StepHook
 from launcher.methods.vit import ViTConfig, strip_prefix
+from launcher.probe import ProbeConfig, ProbeSet
 from launcher.studies.compare import PLAN, Study, load_study
 from launcher.trainer import Trainer
 
-FRAMES = {"name": "lunarlander", "augment": "none", "num_workers": 0, "mean": [0, 0, 0], "std": [1, 1, 1]}
+SQUARES = {
+    "name": "squares",
+    "root": "unused",
+    "augment": "none",
+    "num_workers": 0,
+    "mean": [0, 0, 0],
+    "std": [1, 1, 1],
+}
+NUM_SAMPLES, EPISODE = 96, 8
+
+
+class Squares(Dataset):
+    """32 x 32 black images with a white 8 x 8 square at a random place; labels: its column and row.
+
+    Every sixth image is blank (the square out of view): a probe must leave those out.
+    """
+
+    def __init__(self) -> None:
+        self.corner = np.random.default_rng(0).integers(0, 25, size=(NUM_SAMPLES, 2))
+        self.visible = np.arange(NUM_SAMPLES) % 6 != 5
+
+    def __len__(self) -> int:
+        return NUM_SAMPLES
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, Tensor]:
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        x, y = self.corner[index]
+        if self.visible[index]:
+            pixels[y : y + 8, x : x + 8] = 255
+        return Image.fromarray(pixels), torch.tensor([x, y], dtype=torch.float32)
+
+
+@pytest.fixture
+def squares(monkeypatch) -> str:
+    """``squares`` registered for this test only, with its labels, visible subset and episodes."""
+    monkeypatch.setattr(data_registry, "_DATASETS", dict(data_registry._DATASETS))
+    data_registry.register_dataset(
+        "squares",
+        label_names=("x", "y"),
+        subset=lambda squares: np.flatnonzero(squares.visible),
+        subset_of="toy squares",
+        groups=lambda squares: np.arange(len(squares)) // EPISODE,
+    )(lambda cfg, img_size: Squares())
+    return "squares"
 
 
 @dataclass(kw_only=True)
@@ -69,26 +123,34 @@ def toy(monkeypatch) -> str:
     return "toy"
 
 
-def experiment(root: Path) -> dict:
+def experiment() -> dict:
     return {
         "method": {"size": "micro", "img_size": 32, "patch_size": 8},
-        "data": {**FRAMES, "root": str(root), "generate_frames": 32},
+        "data": SQUARES,
         "optim": {"warmup_epochs": 0.5},
         "train": {"num_epochs": 1, "global_batch_size": 8, "micro_batch_size": 8, "log_every": 1},
     }
 
 
-def test_a_method_registered_from_outside_pretrains_exports_and_is_a_contender(toy: str, tmp_path: Path) -> None:
+def test_a_method_and_a_data_set_registered_from_outside_pretrain_probe_export_and_enter_a_study(
+    toy: str, squares: str, tmp_path: Path
+) -> None:
     assert toy in registry.pretraining_methods() and "finetune" not in registry.pretraining_methods()
     assert issubclass(Toy, PretrainingMethod) and not issubclass(Toy, StepHook)
 
-    raw = experiment(tmp_path / "frames")
+    raw = experiment()
     raw["method"] = dataclasses.asdict(registry.get_method(toy).tiny())
     cfg = experiment_from_dict(raw)
-    prepare_data(cfg)
+    prepare_data(cfg)  # nothing to make: the set has no prepare step
     trainer = Trainer(cfg, tmp_path / "run")
     assert trainer.fit().finished
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
+
+    # The probe reads the set's label names, its visible samples and its episodes from the registry entry.
+    probe = ProbeSet(ProbeConfig(data=DataConfig(**SQUARES), targets=(0, 1), headline=(0, 1), num_folds=3), 32)
+    assert probe.names == {0: "x", 1: "y"} and len(probe.indices) == NUM_SAMPLES - NUM_SAMPLES // 6
+    np.testing.assert_array_equal(probe.groups, probe.indices // EPISODE)
+    assert probe.score(probe.encoder(model)).mean > 0.5  # where the square is, from the moments of the tokens
 
     # `launch export`: the run's recorded method name picks Toy.encoder_state.
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"]["name"] == toy
@@ -108,9 +170,9 @@ def test_a_method_registered_from_outside_pretrains_exports_and_is_a_contender(t
                 "name": "toy-study",
                 "steps": 2,
                 "calibration_steps": 1,
-                "experiment": experiment(tmp_path / "frames"),
+                "experiment": experiment(),
                 "contenders": contenders,
-                "probe": {"data": {**FRAMES, "root": str(tmp_path / "frames")}, "pixels": 8},
+                "probe": {"data": SQUARES, "targets": [0, 1], "headline": [0, 1], "pixels": 8},
             }
         )
     )
