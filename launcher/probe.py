@@ -56,6 +56,9 @@ class ProbeConfig:
     num_folds: int = 5  # cross-validation over groups (episodes): every sample is scored once, held out
     on_screen_only: bool = True  # the data set's probe subset (LunarLander: frames whose lander is on screen)
     num_samples: int = 0  # at most this many samples, evenly spaced over the set (0: all)
+    # Read the patch tokens after the encoder's first `depth` blocks (normalised by its final norm),
+    # an inner layer; null: after every block, the encoder's output.
+    depth: int | None = None
 
     def __post_init__(self) -> None:
         if not self.targets or not set(self.headline) <= set(self.targets):
@@ -64,6 +67,8 @@ class ProbeConfig:
             raise ValueError("probe.num_folds must be >= 3 (one held out, the penalty chosen on the others)")
         if self.readout not in READOUTS:
             raise ValueError(f"probe.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
+        if self.depth is not None and self.depth < 1:
+            raise ValueError(f"probe.depth must be >= 1 (blocks), or null for the encoder's output; got {self.depth}")
         if self.grid < 1 or self.pixels % PIXEL_GRID or self.pixels <= 0 or self.num_samples < 0:
             raise ValueError(
                 f"probe.grid must be >= 1, probe.pixels a positive multiple of {PIXEL_GRID}, probe.num_samples >= 0"
@@ -76,7 +81,7 @@ class ProbeConfig:
             "tokens": "every patch token",
             "cells": f"patch tokens averaged over {self.grid}x{self.grid} cells",
             "embed": "the method's embedding",
-        }[self.readout]
+        }[self.readout] + ("" if self.depth is None else f", after block {self.depth}")
 
 
 @dataclass
@@ -253,6 +258,9 @@ class ProbeSet:
     def encoder(self, model: torch.nn.Module, tokens: Encode | None = None) -> Encode:
         """How this probe reads ``model``: its patch tokens (``model.patch_tokens``, or ``tokens``), as configured."""
         tokens = tokens or getattr(model, "patch_tokens", None)
+        if self.cfg.depth is not None and model is not None:  # an encoder's inner layer (pixels have none)
+            all_blocks, depth = tokens, self.cfg.depth
+            tokens = lambda images: all_blocks(images, depth=depth)  # noqa: E731
         if self.cfg.readout == "embed":
             return model.embed
         if self.cfg.readout == "tokens":

@@ -66,9 +66,10 @@ class MAE(nn.Module):
             raise ValueError("this is an MAE checkpoint, which has no EMA teacher; take the student (the encoder)")
         return strip_prefix(state, "encoder.")
 
-    def patch_tokens(self, images: Tensor) -> Tensor:
-        """The encoder's normalised patch tokens for all patches, in grid order ``[B, N, D]``."""
-        return self.encoder(images)[:, self.encoder.num_prefix_tokens :]
+    def patch_tokens(self, images: Tensor, depth: int | None = None) -> Tensor:
+        """The encoder's normalised patch tokens for all patches, in grid order ``[B, N, D]``
+        (after its first ``depth`` blocks: an inner layer for a probe)."""
+        return self.encoder(images, depth=depth)[:, self.encoder.num_prefix_tokens :]
 
     def embed(self, images: Tensor) -> Tensor:
         """Mean of the encoder's normalised patch tokens over all patches ``[B, D]``."""

@@ -164,13 +164,14 @@ class PCAE(nn.Module):
         """The student's (``student.*``) or the EMA teacher's (``teacher.*``) weights of a PCAE checkpoint."""
         return strip_prefix(state, f"{which}.")
 
-    def patch_tokens(self, images: Tensor) -> Tensor:
-        """The student's normalised patch tokens for all patches, in grid order ``[B, N, D]``."""
-        return self.student(images)[:, self.student.num_prefix_tokens :]
+    def patch_tokens(self, images: Tensor, depth: int | None = None) -> Tensor:
+        """The student's normalised patch tokens for all patches, in grid order ``[B, N, D]``
+        (after its first ``depth`` blocks: an inner layer for a probe)."""
+        return self.student(images, depth=depth)[:, self.student.num_prefix_tokens :]
 
-    def teacher_patch_tokens(self, images: Tensor) -> Tensor:
+    def teacher_patch_tokens(self, images: Tensor, depth: int | None = None) -> Tensor:
         """The EMA teacher's normalised patch tokens for all patches (no reduction) ``[B, N, D]``."""
-        return self.teacher(images)[:, self.teacher.num_prefix_tokens :]
+        return self.teacher(images, depth=depth)[:, self.teacher.num_prefix_tokens :]
 
     def embed(self, images: Tensor) -> Tensor:
         """Mean of the student's normalised patch tokens over all patches ``[B, D]``."""

@@ -15,7 +15,7 @@ The rest is optional; each hook is a small protocol of its own, and whoever uses
   (names kept from weight decay; timm's layer-wise learning-rate decay);
 - ``HasEncoder.encoder_state(state, which)``, a staticmethod: ``launch export`` and fine-tuning
   sources, the encoder of a checkpoint of this method (the run's recorded ``method.name`` picks it);
-- ``PretrainingMethod``: ``HasEncoder`` plus ``patch_tokens(images)`` and ``embed(images)``, the
+- ``PretrainingMethod``: ``HasEncoder`` plus ``patch_tokens(images, depth)`` and ``embed(images)``, the
   methods a study may compare (``registry.pretraining_methods``);
 - ``HasTeacher.teacher_patch_tokens(images)``: a study probes the EMA teacher too.
 """
@@ -91,8 +91,9 @@ class HasEncoder(Protocol):
 
 @runtime_checkable
 class PretrainingMethod(MethodProtocol, HasEncoder, Protocol):
-    def patch_tokens(self, images: Tensor) -> Tensor:
-        """The encoder's normalised patch tokens for all patches, in grid order ``[B, N, D]``."""
+    def patch_tokens(self, images: Tensor, depth: int | None = None) -> Tensor:
+        """The encoder's normalised patch tokens for all patches, in grid order ``[B, N, D]``; after its
+        first ``depth`` blocks when a probe reads an inner layer (``probe.depth``)."""
         ...
 
     def embed(self, images: Tensor) -> Tensor:
@@ -102,6 +103,6 @@ class PretrainingMethod(MethodProtocol, HasEncoder, Protocol):
 
 @runtime_checkable
 class HasTeacher(Protocol):
-    def teacher_patch_tokens(self, images: Tensor) -> Tensor:
-        """The EMA teacher's patch tokens ``[B, N, D]``, probed next to the encoder's."""
+    def teacher_patch_tokens(self, images: Tensor, depth: int | None = None) -> Tensor:
+        """The EMA teacher's patch tokens ``[B, N, D]`` (after ``depth`` blocks), probed next to the encoder's."""
         ...

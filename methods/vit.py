@@ -243,17 +243,21 @@ class ViTEncoder(nn.Module):
         """``[B, n, D]`` -> ``[B, 1 + n, D]`` with the cls token first (its position embedding is zero)."""
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
-    def forward_tokens(self, x: Tensor, hook: BlockHook | None = None, norm: bool = True) -> Tensor:
-        """Run every block, then the final norm (unless ``norm=False``), on a token set ``[B, n, D]``."""
-        for i, block in enumerate(self.blocks):
+    def forward_tokens(
+        self, x: Tensor, hook: BlockHook | None = None, norm: bool = True, depth: int | None = None
+    ) -> Tensor:
+        """Run every block (or the first ``depth``), then the final norm (unless ``norm=False``), on
+        a token set ``[B, n, D]``."""
+        for i, block in enumerate(self.blocks[:depth]):
             x = block(x)
             if hook is not None:
                 x = hook(i, x)
         return self.norm(x) if norm else x
 
-    def forward(self, images: Tensor, ids_keep: Tensor | None = None) -> Tensor:
-        """Normalised tokens ``[B, 1 + n, D]`` (cls first) for all patches or only ``ids_keep``."""
-        return self.forward_tokens(self.prepend_cls(self.embed_patches(images, ids_keep)))
+    def forward(self, images: Tensor, ids_keep: Tensor | None = None, depth: int | None = None) -> Tensor:
+        """Normalised tokens ``[B, 1 + n, D]`` (cls first) for all patches or only ``ids_keep``; after
+        the first ``depth`` blocks only (a probe of an inner layer), normalised by the final norm."""
+        return self.forward_tokens(self.prepend_cls(self.embed_patches(images, ids_keep)), depth=depth)
 
 
 class MaskedDecoder(nn.Module):

@@ -108,8 +108,8 @@ class Toy(nn.Module):
             raise ValueError("the toy has no teacher")
         return strip_prefix(state, "net.")
 
-    def patch_tokens(self, images: Tensor) -> Tensor:
-        return self.net(images)[:, self.net.num_prefix_tokens :]
+    def patch_tokens(self, images: Tensor, depth: int | None = None) -> Tensor:
+        return self.net(images, depth=depth)[:, self.net.num_prefix_tokens :]
 
     def embed(self, images: Tensor) -> Tensor:
         return self.patch_tokens(images).mean(dim=1)

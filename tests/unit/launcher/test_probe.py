@@ -120,3 +120,18 @@ def test_a_feature_equal_to_a_target_scores_one_and_noise_zero_on_lunarlander_ep
     assert probe.score(true_x).r2[0] > 0.999
     noise = probe.score(lambda images: torch.randn(len(images), 16, generator=generator))
     assert noise.mean < 0.05 and all(r2 < 0.1 for r2 in noise.r2.values())
+
+
+def test_a_probe_of_an_inner_layer_reads_the_tokens_after_that_block() -> None:
+    from launcher.methods import build_method, get_method
+
+    model = build_method(get_method("mae").tiny()).eval()
+    images = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size)
+    inner = model.patch_tokens(images, depth=1)
+    encoder = model.encoder
+    x = encoder.prepend_cls(encoder.embed_patches(images))
+    expected = encoder.norm(encoder.blocks[0](x))[:, encoder.num_prefix_tokens :]
+    torch.testing.assert_close(inner, expected)
+    assert not torch.allclose(inner, model.patch_tokens(images))  # the output is after every block
+    with pytest.raises(ValueError, match="probe.depth"):
+        ProbeConfig(depth=0)
