@@ -29,6 +29,7 @@ from launcher.probe import ProbeConfig, ProbeSet, describe, target_names
 from launcher.runs import CONFIG, describe_eval, read_eval, resume_note
 from launcher.shipped import experiment_label, find_experiment, shipped_experiment
 from launcher.stopping import STOP_SIGNALS, Interrupted, signals_interrupt
+from launcher.trainer import FitResult, Trainer
 
 
 @dataclass
@@ -86,7 +87,9 @@ def run_demo(cfg: ExperimentConfig, experiment: Path, run_dir: Path, resuming: b
     return 0
 
 
-def probe_encoders(cfg: ExperimentConfig, demo: DemoConfig, trainer, result, run_dir: Path, out: TextIO) -> None:
+def probe_encoders(
+    cfg: ExperimentConfig, demo: DemoConfig, trainer: Trainer, result: FitResult, run_dir: Path, out: TextIO
+) -> None:
     """The cheap probe of the trained encoder, its random initialisation and raw pixels, into ``RUN/probe.json``."""
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     device = next(trained.parameters()).device
