@@ -90,9 +90,9 @@ def test_dry_run_prints_the_config_and_writes_nothing(tmp_path: Path, capsys) ->
     assert main(["pretrain", "pcae", "--dry-run", "--run-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "name: pcae" in out and f"# run directory: {tmp_path / 'run'}" in out
-    # The local experiment: 12,000 generated frames, batches of 128, blr 1.5e-3, 2 epochs, 1 of warmup.
+    # The local experiment: 12,000 generated frames, batches of 128, blr 1.5e-4, 2 epochs, 1 of warmup.
     assert (
-        "# 1 processes x 128 micro-batch x 1 accumulation = global batch 128; lr 0.00075 (blr 0.0015 x 128/256); "
+        "# 1 processes x 128 micro-batch x 1 accumulation = global batch 128; lr 7.5e-05 (blr 0.00015 x 128/256); "
         "12000 samples, 93 steps/epoch, 186 steps (warmup 93)\n"
     ) in out
     assert not (tmp_path / "run").exists()
