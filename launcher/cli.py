@@ -345,7 +345,7 @@ def run_work(args: argparse.Namespace, work) -> int:
     from launcher.work import run_work as run
 
     if not args.cluster:
-        return run(work, None, getattr(args, "dry_run", False))
+        return run(work, None, getattr(args, "dry_run", False), sys.stdout, sys.stderr)
     max_requeues = getattr(args, "max_requeues", None)
     request = Request(
         args.cluster,
@@ -356,7 +356,9 @@ def run_work(args: argparse.Namespace, work) -> int:
         10 if max_requeues is None else max_requeues,
         profile=getattr(args, "profile", None),
     )
-    return run(work, request, getattr(args, "dry_run", False), note=getattr(args, "profile_note", ""))
+    return run(
+        work, request, getattr(args, "dry_run", False), sys.stdout, sys.stderr, getattr(args, "profile_note", "")
+    )
 
 
 def pretrain_experiment(args: argparse.Namespace) -> Path:
@@ -436,7 +438,7 @@ def cmd_downstream(args: argparse.Namespace) -> int:
         if args.dry_run:
             from launcher.work import TrainingWork
 
-            return TrainingWork(cfg, experiment, run_dir, run_dir).print_dry_run(run_dir, False, sys.stdout)
+            return TrainingWork(cfg, experiment, run_dir, run_dir).print_dry_run(run_dir, False, sys.stdout, sys.stderr)
         return print_evaluation(cfg, run_dir)
     return launch_run(args, cfg, experiment, source.name)
 

@@ -12,7 +12,6 @@ through the same ``submit`` for every kind. The command line parses, builds one,
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,23 +24,22 @@ from launcher.slurm.submit import Request, Work, sbatch_parameters, submit
 from launcher.stopping import STOP_SIGNALS, StopRequest, install_stop_handlers
 
 
-def print_problems(what: str, problems: list[str], out: TextIO) -> None:
-    """After a dry run's output on ``out``: what the real command would refuse on, so it can be fixed first."""
+def write_problems(what: str, problems: list[str], out: TextIO, err: TextIO) -> None:
+    """After a dry run's output on ``out``: on ``err``, what the real command would refuse on, to fix first."""
     if problems:
         out.flush()
         fix = "".join(f"  - {problem}\n" for problem in problems)
-        print(f"dry run only: {what} would refuse until these are fixed:\n{fix}", end="", file=sys.stderr)
+        err.write(f"dry run only: {what} would refuse until these are fixed:\n{fix}")
 
 
-def run_work(work: Work, request: Request | None, dry_run: bool, out: TextIO | None = None, note: str = "") -> int:
-    """Run ``work`` here (``request`` None), or submit it as one SLURM job (or print its dry run)."""
-    out = out or sys.stdout  # the stream of the moment (a test captures it after import)
+def run_work(work: Work, request: Request | None, dry_run: bool, out: TextIO, err: TextIO, note: str = "") -> int:
+    """Run ``work`` here (``request`` None), or submit it as one SLURM job (or show its dry run on ``out``)."""
     if request is None:
-        return work.run_here(dry_run, out)
+        return work.run_here(dry_run, out, err)
     submission = submit(work, request, dry_run=dry_run)
     text = note + submission.text
     out.write(text if text.endswith("\n") else text + "\n")
-    print_problems("a real submission from this machine", submission.problems, out)
+    write_problems("a real submission from this machine", submission.problems, out, err)
     return 0
 
 
@@ -80,22 +78,22 @@ class TrainingWork(Work):
             f"# {planned_schedule(self.cfg, processes).describe()}\n{dump_yaml(self.cfg)}"
         )
 
-    def print_dry_run(self, run_dir: Path, resuming: bool, out: TextIO) -> int:
+    def print_dry_run(self, run_dir: Path, resuming: bool, out: TextIO, err: TextIO) -> int:
         """A run on this machine as it would start, and what would stop it."""
         from launcher.data import data_problems
 
         out.write(self.header(run_dir, resuming, int(os.environ.get("WORLD_SIZE", "1"))))
-        print_problems("a real run on this machine", [str(e) for e in data_problems(self.cfg.data_sets())], out)
+        write_problems("a real run on this machine", [str(e) for e in data_problems(self.cfg.data_sets())], out, err)
         return 0
 
-    def run_here(self, dry_run: bool, out: TextIO) -> int:
+    def run_here(self, dry_run: bool, out: TextIO, err: TextIO) -> int:
         """Train on this machine (or print the dry run): the embedded default's demo, or a plain run."""
         from launcher.runs import check_run_dir
 
         run_dir = self.run_dir or self.default_dir
         resuming = check_run_dir(run_dir, self.cfg)
         if dry_run:
-            return self.print_dry_run(run_dir, resuming, out)
+            return self.print_dry_run(run_dir, resuming, out, err)
         if self.demo:
             from launcher.demo import run_demo
 
@@ -203,7 +201,7 @@ class StudyWork(Work):
         budget = f"{self.study.steps} steps" if self.study.steps else f"{self.study.budget_s:.0f} s of training"
         return f"{len(self.study.seeds)} seeds x {len(self.study.contenders)} contenders x {budget} each"
 
-    def run_here(self, dry_run: bool, out: TextIO) -> int:
+    def run_here(self, dry_run: bool, out: TextIO, err: TextIO) -> int:
         """The study on this machine: Ctrl-C or SIGTERM stops at the next step boundary, resumable."""
         from launcher.studies.compare import Study
         from launcher.studies.compare_report import write_report
@@ -284,7 +282,7 @@ class SweepArrayWork(Work):
     def directory(self, profile: ClusterProfile) -> Path:
         return Path(self.sweep_dir or Path(profile.runs_dir) / self.sweep.default_name()).resolve()
 
-    def run_here(self, dry_run: bool, out: TextIO) -> int:
+    def run_here(self, dry_run: bool, out: TextIO, err: TextIO) -> int:
         """The points one after another on this machine (``--local``)."""
         from launcher import sweeps
 
@@ -375,7 +373,7 @@ class SweepWork(Work):
         if self.resume and not exists:
             raise ConfigError(f"--resume: there is no sweep at {directory} to resume; run without --resume to start it")
 
-    def run_here(self, dry_run: bool, out: TextIO) -> int:
+    def run_here(self, dry_run: bool, out: TextIO, err: TextIO) -> int:
         """The sweep on this machine's Ray (or the Ray cluster at ``address``)."""
         from launcher.studies import ae_losses
 

@@ -62,8 +62,8 @@ class Work:
     job_name: str
     max_requeues: int | None = None  # None: the request's
 
-    def run_here(self, dry_run: bool, out: Any) -> int:
-        """Run the work on this machine instead (or print its dry run)."""
+    def run_here(self, dry_run: bool, out: Any, err: Any) -> int:
+        """Run the work on this machine instead (or write its dry run to ``out``, what it lacks to ``err``)."""
         raise ConfigError(f"{type(self).__name__} runs only as a SLURM job; pass --cluster")
 
     def directory(self, profile: ClusterProfile) -> Path:
